@@ -1,0 +1,423 @@
+"""The `batchinfer` command: run, plan, rerun, status, demo, serve.
+
+Exit status: 0 success; 1 the run finished but failed (a shard or a check);
+2 bad input, parameters or environment, reported before any work where possible.
+Errors are one line on stderr; `--verbose` shows Prefect's logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from batchinfer.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS, PRECISIONS, RunConfig, make_config
+from batchinfer.errors import BatchInferError, ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def quiet_prefect(verbose: bool) -> None:
+    """Environment for an in-process Prefect run: no telemetry, quiet console, our logs in the UI."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "batchinfer")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_UVICORN_LEVEL", "CRITICAL")
+
+
+# -- argument parsing -------------------------------------------------------------
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser, *, output: bool = True) -> None:
+    parser.add_argument("--input", required=True, help="Parquet folder, glob or file (local path or s3://)")
+    if output:
+        parser.add_argument("--output", required=True, help="output folder (local path or s3://)")
+    parser.add_argument("--model", required=True, help="mlp | minilm | PATH.pt | PATH.pt2 | package.module:factory")
+    parser.add_argument("--checkpoint", help="checkpoint URI (safetensors) for --model mlp")
+    parser.add_argument("--key-column", default="id", help="unique row key column (default: id)")
+    parser.add_argument("--features", help="comma-separated feature columns or globs (default: from the checkpoint)")
+    parser.add_argument("--text-column", help="text column for text models")
+    parser.add_argument("--passthrough", help="comma-separated columns copied to the output")
+    parser.add_argument(
+        "--batch-size", type=_int("--batch-size"), default=DEFAULT_BATCH_SIZE, help="rows per forward pass"
+    )
+    parser.add_argument(
+        "--shard-rows", type=_int("--shard-rows"), default=DEFAULT_SHARD_ROWS, help="target rows per shard"
+    )
+    parser.add_argument("--devices", default="auto", help="auto | N | cpu | cuda:0,cuda:1")
+    parser.add_argument("--precision", default="fp32", help="|".join(PRECISIONS))
+    parser.add_argument("--storage-options", default="", help="fsspec/s3fs options as a JSON object")
+    parser.add_argument("--cpu-threads", type=_int("--cpu-threads"), default=None, help="torch threads per CPU device")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and tracebacks")
+
+
+def _int(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, got {text!r}") from None
+
+    return parse
+
+
+def _float(flag: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"batchinfer: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="batchinfer", description="Batch inference over Parquet with PyTorch models, on Prefect.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="score a dataset (reruns only what is missing)")
+    _add_job_arguments(run)
+    run.add_argument("--min-success-ratio", type=_float("--min-success-ratio"), default=1.0)
+    run.add_argument("--max-error-ratio", type=_float("--max-error-ratio"), default=0.0)
+    run.add_argument("--overwrite", action="store_true", help="replace an output holding another configuration")
+    run.add_argument("--concurrency-tag", default="gpu", help="Prefect tag limited to the device count")
+
+    plan = sub.add_parser("plan", help="print partitions and shards without running anything")
+    _add_job_arguments(plan, output=False)
+
+    rerun = sub.add_parser("rerun", help="rerun the failed or missing shards of the run recorded in an output")
+    rerun.add_argument("--output", required=True)
+    rerun.add_argument("--storage-options", default="")
+    rerun.add_argument("--devices", default=None)
+    rerun.add_argument("--verbose", "-v", action="store_true")
+
+    status = sub.add_parser("status", help="print each shard's state from the markers")
+    status.add_argument("--output", required=True)
+    status.add_argument("--storage-options", default="")
+
+    demo = sub.add_parser("demo", help="generate sample data and a model, then run the flow on both models")
+    demo.add_argument("--workdir", default=None, help="folder for data, model and outputs (default: ./batchinfer-demo)")
+    demo.add_argument("--rows", type=_int("--rows"), default=200_000)
+    demo.add_argument("--sentences", type=_int("--sentences"), default=2_000)
+    demo.add_argument("--devices", default="auto")
+    demo.add_argument("--verbose", "-v", action="store_true")
+
+    serve = sub.add_parser("serve", help="serve the flow as a deployment (Prefect's serve), optionally on a cron")
+    serve.add_argument("--name", default="batchinfer")
+    serve.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *'")
+    serve.add_argument("--verbose", "-v", action="store_true")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, *, output: str | None = None) -> RunConfig:
+    return make_config(
+        input_uri=args.input,
+        output_uri=output or getattr(args, "output", None) or "-",
+        model=args.model,
+        checkpoint=args.checkpoint,
+        key_column=args.key_column,
+        features=args.features,
+        text_column=args.text_column,
+        passthrough=args.passthrough or [],
+        batch_size=args.batch_size,
+        shard_rows=args.shard_rows,
+        devices=args.devices,
+        precision=args.precision,
+        storage_options=args.storage_options,
+        cpu_threads=args.cpu_threads,
+        min_success_ratio=getattr(args, "min_success_ratio", 1.0),
+        max_error_ratio=getattr(args, "max_error_ratio", 0.0),
+        overwrite=getattr(args, "overwrite", False),
+        concurrency_tag=getattr(args, "concurrency_tag", "gpu"),
+    )
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | None = None) -> dict[str, Any]:
+    """Check what can be checked without Prefect, then run the flow in this process."""
+    from batchinfer.pipeline import prepare
+
+    prepare(config, check_existing=False)  # bad input fails here, before a server starts
+    quiet_prefect(verbose)
+    from flows.batch_inference import batch_inference
+    from flows.params import from_config
+
+    started = time.perf_counter()
+    with _progress_bar(show_progress):
+        state = batch_inference(**from_config(config), return_state=True)
+    seconds = time.perf_counter() - started
+    if state.is_completed():
+        report = dict(state.result())
+        report["wall_seconds"] = round(seconds, 3)
+        return report
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, BatchInferError):
+        raise exc
+    message = state.message or state.name
+    if isinstance(exc, BaseException) and not str(message).strip():
+        message = f"{type(exc).__name__}: {exc}"
+    raise RunFailed(str(message).strip().splitlines()[0] if message else "the run failed")
+
+
+class RunFailed(Exception):
+    """The flow ran but ended Failed (a shard or a check); the message names them."""
+
+
+class _progress_bar:
+    """A terminal progress bar fed by core events (shards, rows, rows/s); off when not a terminal."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def __enter__(self) -> _progress_bar:
+        if not self.enabled:
+            return self
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from batchinfer import progress
+
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
+        self.rows = self.bar.add_task("rows", total=None, rate="")
+        self.shards = self.bar.add_task("shards", total=None, rate="")
+        self.started = time.perf_counter()
+        self.done_rows = 0
+
+        def on_event(event: progress.Event) -> None:
+            if event.kind == "plan":
+                self.bar.update(self.rows, total=event.total_rows)
+                self.bar.update(self.shards, total=event.total_shards)
+            elif event.kind == "rows":
+                self.done_rows += event.rows
+                rate = self.done_rows / max(time.perf_counter() - self.started, 1e-9)
+                self.bar.update(self.rows, advance=event.rows, rate=f"{rate:,.0f} rows/s")
+            elif event.kind == "shard_skipped":
+                self.bar.update(self.rows, advance=event.rows)
+                self.bar.update(self.shards, advance=1)
+            elif event.kind == "shard_done":
+                self.bar.update(self.shards, advance=1)
+
+        self.unsubscribe = progress.subscribe(on_event)
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()
+            self.unsubscribe()
+
+
+def summarize(report: dict[str, Any]) -> str:
+    seconds = report.get("wall_seconds") or report.get("seconds") or 0
+    rate = report.get("rows", 0) / seconds if seconds else 0
+    state = "passed" if report.get("ok") else "FAILED"
+    return (
+        f"{report.get('rows', 0):,} rows ({report.get('rows_out', 0):,} scored, {report.get('rows_error', 0):,} errors) "
+        f"in {report.get('shards', 0)} shards ({report.get('shards_run', 0)} run, {report.get('shards_skipped', 0)} "
+        f"already done), {seconds:.1f} s, {rate:,.0f} rows/s; validation {state}; output: {report.get('output_uri')}"
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    report = run_flow(config_from_args(args), verbose=args.verbose)
+    print(summarize(report))
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from batchinfer.pipeline import prepare
+
+    plan = prepare(config_from_args(args, output="/nonexistent-plan-only"), check_existing=False)
+    print(f"{len(plan.partitions)} partitions, {len(plan.shards)} shards, {plan.total_rows:,} rows")
+    for index, part in enumerate(plan.partitions):
+        print(f"partition {index:05d} {part.uri}: {part.num_rows:,} rows, {len(part.row_groups)} row groups")
+        for shard in (s for s in plan.shards if s.partition_index == index):
+            print(
+                f"  shard {shard.shard_id}: rows {shard.row_start:,}..{shard.row_start + shard.num_rows:,} "
+                f"({shard.num_rows:,} rows, row groups {shard.rg_start}..{shard.rg_stop - 1})"
+            )
+    return EXIT_OK
+
+
+def _manifest(output: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    from batchinfer.layout import Layout
+    from batchinfer.storage import Storage
+
+    storage = Storage(output, storage_options)
+    uri = Layout(output.rstrip("/")).manifest
+    if not storage.exists(uri):
+        raise ConfigError(f"{output} holds no batchinfer run (no manifest.json)")
+    return storage.read_json(uri)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from batchinfer.config import parse_storage_options
+    from batchinfer.layout import Layout
+    from batchinfer.storage import Storage
+
+    options = parse_storage_options(args.storage_options)
+    data = _manifest(args.output, options)
+    storage = Storage(args.output, options)
+    layout = Layout(args.output.rstrip("/"))
+    markers = {n.removesuffix(".json") for n in storage.list_names(layout.markers_dir) if n.endswith(".json")}
+    done = 0
+    for shard in data.get("shards", []):
+        marker = None
+        if shard["shard_id"] in markers:
+            marker = storage.read_json(layout.marker(shard["shard_id"]))
+        ok = bool(marker and marker.get("model_fingerprint") == data.get("model_fingerprint"))
+        done += ok
+        state = "done" if ok else shard.get("state", "pending")
+        state = "pending" if state == "done" and not ok else state
+        detail = (
+            f"{marker.get('seconds', 0):.2f} s on {marker.get('device')}"
+            if ok and marker
+            else (shard.get("error") or "")
+        )
+        print(f"{shard['shard_id']}  {state:<8} {shard['num_rows']:>10,} rows  {shard['partition_uri']}  {detail}")
+    success = storage.exists(layout.success)
+    print(
+        f"{done}/{len(data.get('shards', []))} shards done; run state: {data.get('state')}; "
+        f"_SUCCESS {'present' if success else 'absent'}"
+    )
+    return EXIT_OK
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from batchinfer.config import parse_storage_options
+
+    options = parse_storage_options(args.storage_options)
+    recorded = dict(_manifest(args.output, options).get("config") or {})
+    kept = {k: v for k, v in (recorded.get("storage_options") or {}).items() if v != "***"}
+    recorded["storage_options"] = {**kept, **options}
+    if args.devices:
+        recorded["devices"] = args.devices
+    config = make_config(**recorded)
+    report = run_flow(config, verbose=args.verbose)
+    print(summarize(report))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from batchinfer import demo
+
+    workdir = demo.demo_workdir(args.workdir)
+    print(f"demo workdir: {workdir}")
+    started = time.perf_counter()
+    demo.write_tabular(workdir / "data" / "tabular", args.rows, partitions=8)
+    demo.write_text(workdir / "data" / "text", args.sentences, partitions=2)
+    checkpoint = demo.train_mlp(workdir / "models" / "mlp.safetensors")
+    print(
+        f"generated {args.rows:,} tabular rows, {args.sentences:,} sentences and trained an MLP "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    jobs = [
+        (
+            "tabular (mlp)",
+            make_config(
+                input_uri=str(workdir / "data" / "tabular"),
+                output_uri=str(workdir / "output" / "tabular"),
+                model="mlp",
+                checkpoint=str(checkpoint),
+                devices=args.devices,
+                shard_rows=50_000,
+                overwrite=True,
+            ),
+        ),
+        (
+            "text (minilm)",
+            make_config(
+                input_uri=str(workdir / "data" / "text"),
+                output_uri=str(workdir / "output" / "text"),
+                model="minilm",
+                text_column="text",
+                batch_size=64,
+                devices=args.devices,
+                shard_rows=1_000,
+                overwrite=True,
+            ),
+        ),
+    ]
+    for name, config in jobs:
+        report = run_flow(config, verbose=args.verbose)
+        print(f"{name}: {summarize(report)}")
+    print(
+        f"read the results with polars: pl.read_parquet('{workdir / 'output' / 'tabular' / 'predictions'}/*.parquet')"
+    )
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    quiet_prefect(args.verbose)
+    from flows.batch_inference import batch_inference
+
+    batch_inference.serve(name=args.name, cron=args.cron)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "rerun": cmd_rerun,
+    "status": cmd_status,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except BatchInferError as exc:
+        _fail(f"batchinfer: error: {exc}", verbose)
+        return EXIT_BAD_INPUT
+    except RunFailed as exc:
+        _fail(f"batchinfer: run failed: {exc}", verbose)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _fail("batchinfer: interrupted; rerun the same command to finish the missing shards", verbose)
+        return 130
+
+
+def _fail(line: str, verbose: bool) -> None:
+    if verbose:
+        import traceback
+
+        traceback.print_exc()
+    print(line, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Merge-and-validate: gather committed shards into predictions/, check them, then mark success.
+
+Checks, per shard: a marker that matches the plan; the output schema; row counts
+(output + error rows = planned rows); the keys (output keys plus error keys are
+exactly the shard's input keys); finite values; probabilities summing to 1 and
+embeddings of unit norm. Across shards: no key twice. The merged parts are
+committed only if every check passed; `manifest.json` follows, `_SUCCESS` last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchinfer.errors import BatchInferError
+from batchinfer.layout import Layout
+from batchinfer.pipeline import Plan, _read_column, find_done, manifest
+from batchinfer.planning import Shard
+from batchinfer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PROBABILITY_TOLERANCE = 1e-4
+NORM_TOLERANCE = 1e-3
+MISSING_KEYS_INLINE = 10_000
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class RunReport:
+    """The outcome of a run: totals, each check, and every failure named by shard and check."""
+
+    ok: bool
+    output_uri: str
+    rows: int = 0
+    rows_out: int = 0
+    rows_error: int = 0
+    shards: int = 0
+    shards_run: int = 0
+    shards_skipped: int = 0
+    shards_failed: int = 0
+    parts: int = 0
+    seconds: float = 0.0
+    checks: list[Check] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    missing_keys: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def first_failure(self) -> str:
+        return self.failures[0] if self.failures else ""
+
+
+class _Invalid(Exception):
+    """A check failed; carries the line naming the shard and the check."""
+
+
+def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = None) -> RunReport:
+    """Check every planned shard, write the merged parts, the manifest and `_SUCCESS`."""
+    started = time.perf_counter()
+    results = results or {}
+    config, settings = plan.config, plan.settings
+    storage = Storage(settings.output_uri, config.storage_options)
+    in_storage = Storage(config.input_uri, config.storage_options)
+    layout = Layout(settings.output_uri)
+    report = RunReport(ok=False, output_uri=settings.output_uri, shards=len(plan.shards), rows=plan.total_rows)
+    report.shards_skipped = len(plan.done)
+    report.shards_run = sum(1 for r in results.values() if r.get("state") == "done")
+
+    markers = find_done(storage, plan)
+    failed = [s for s in plan.shards if s.shard_id not in markers]
+    for shard in failed:
+        reason = (results.get(shard.shard_id) or {}).get("error") or "no marker (not run or interrupted)"
+        report.failed_shards[shard.shard_id] = reason
+        report.failures.append(
+            f"shard {shard.shard_id} ({shard.partition_uri} rows {shard.row_start}+{shard.num_rows}): {reason}"
+        )
+    report.shards_failed = len(failed)
+    allowed = int(np.floor((1.0 - config.min_success_ratio) * len(plan.shards) + 1e-9))
+    report.checks.append(
+        Check(
+            "shards succeeded",
+            len(failed) <= allowed,
+            f"{len(plan.shards) - len(failed)}/{len(plan.shards)} (min ratio {config.min_success_ratio})",
+        )
+    )
+    if len(failed) > allowed:
+        return _finish(plan, storage, layout, report, results, started, state="failed")
+
+    key_hashes: list[np.ndarray] = []
+    try:
+        with ExitStack() as stack:
+            written = _write_parts(plan, markers, storage, in_storage, layout, report, key_hashes, stack)
+            _check_unique(key_hashes, report)
+        report.parts = len(written)
+    except _Invalid as exc:
+        report.failures.insert(0, str(exc))
+        return _finish(plan, storage, layout, report, results, started, state="invalid")
+    _remove_stale(plan, storage, layout, written)
+    if failed:
+        report.missing_keys = _record_missing(plan, failed, storage, in_storage, layout)
+    report.ok = True
+    return _finish(plan, storage, layout, report, results, started, state="partial" if failed else "succeeded")
+
+
+def _write_parts(
+    plan: Plan,
+    markers: dict[str, dict[str, Any]],
+    storage: Storage,
+    in_storage: Storage,
+    layout: Layout,
+    report: RunReport,
+    key_hashes: list[np.ndarray],
+    stack: ExitStack,
+) -> set[int]:
+    written: set[int] = set()
+    by_partition: dict[int, list[Shard]] = {}
+    for shard in plan.shards:
+        if shard.shard_id in markers:
+            by_partition.setdefault(shard.partition_index, []).append(shard)
+    for index, shards in sorted(by_partition.items()):
+        tmp = stack.enter_context(storage.atomic_local_file(layout.part(index), suffix=".parquet"))
+        writer: pq.ParquetWriter | None = None
+        try:
+            for shard in shards:
+                table = _validated_shard(plan, shard, markers[shard.shard_id], storage, in_storage, layout, report)
+                key_hashes.append(pl.from_arrow(table.column(0)).hash(seed=0).to_numpy())  # type: ignore[union-attr]
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table, row_group_size=65_536)
+        finally:
+            if writer is not None:
+                writer.close()
+        written.add(index)
+    for name in ("schema", "row counts", "keys match the input", "finite", "probabilities sum to 1 / unit norm"):
+        report.checks.append(Check(name, True))
+    return written
+
+
+def _validated_shard(
+    plan: Plan,
+    shard: Shard,
+    marker: dict[str, Any],
+    storage: Storage,
+    in_storage: Storage,
+    layout: Layout,
+    report: RunReport,
+) -> pa.Table:
+    settings = plan.settings
+    where = f"shard {shard.shard_id} ({shard.partition_uri})"
+    try:
+        table = pq.read_table(pa.BufferReader(storage.read_bytes(layout.shard(shard.shard_id))))
+    except BatchInferError as exc:
+        raise _Invalid(f"{where}: output file unreadable: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise _Invalid(f"{where}: output file is not valid Parquet ({exc})") from None
+    _check_schema(plan, table, where)
+    errors = _error_keys(storage, layout, shard, settings.key_column, where)
+    if table.num_rows + len(errors) != shard.num_rows or marker.get("rows_out") != table.num_rows:
+        raise _Invalid(
+            f"{where}: row counts check failed: {table.num_rows} output + {len(errors)} error rows, "
+            f"planned {shard.num_rows}, marker says {marker.get('rows_out')}"
+        )
+    expected = _read_column(in_storage, shard.partition_uri, settings.key_column, range(shard.rg_start, shard.rg_stop))
+    got = pl.concat([pl.from_arrow(table.column(0)).alias("k"), errors.alias("k")])  # type: ignore[union-attr]
+    if not got.sort().equals(expected.alias("k").sort()):
+        extra = got.filter(~got.is_in(expected.implode())).head(1).to_list()
+        lost = expected.filter(~expected.is_in(got.implode())).head(1).to_list()
+        dup = got.filter(got.is_duplicated()).head(1).to_list()
+        what = (
+            f"key {lost[0]!r} is missing"
+            if lost
+            else f"key {dup[0]!r} appears twice"
+            if dup
+            else f"unexpected key {extra[0]!r}"
+            if extra
+            else "keys differ"
+        )
+        raise _Invalid(f"{where}: keys check failed: {what}")
+    _check_values(plan, table, where)
+    report.rows_out += table.num_rows
+    report.rows_error += len(errors)
+    return table
+
+
+def _error_keys(storage: Storage, layout: Layout, shard: Shard, key: str, where: str) -> pl.Series:
+    uri = layout.errors(shard.shard_id)
+    if not storage.exists(uri):
+        return pl.Series("k", [])
+    try:
+        return pl.from_arrow(pq.read_table(pa.BufferReader(storage.read_bytes(uri))).column(key)).alias("k")  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001
+        raise _Invalid(f"{where}: errors file unreadable ({exc})") from None
+
+
+def _check_schema(plan: Plan, table: pa.Table, where: str) -> None:
+    settings = plan.settings
+    key_type = plan.partitions[0].schema.get(settings.key_column)
+    expected = [settings.key_column]
+    kinds: dict[str, Any] = {}
+    if "embedding" in table.column_names and "probabilities" not in table.column_names:
+        expected.append("embedding")
+        kinds["embedding"] = pa.list_(pa.float32())
+    else:
+        expected += ["prediction", "probabilities"]
+        kinds["prediction"] = pa.int64()
+        kinds["probabilities"] = pa.list_(pa.float32())
+    expected += list(settings.passthrough)
+    if table.column_names != expected:
+        raise _Invalid(f"{where}: schema check failed: columns {table.column_names}, expected {expected}")
+    if str(table.schema.field(settings.key_column).type) != key_type:
+        raise _Invalid(f"{where}: schema check failed: key type {table.schema.field(0).type}, expected {key_type}")
+    for name, dtype in kinds.items():
+        if not table.schema.field(name).type.equals(dtype):
+            raise _Invalid(f"{where}: schema check failed: {name} is {table.schema.field(name).type}, expected {dtype}")
+
+
+def _check_values(plan: Plan, table: pa.Table, where: str) -> None:
+    column = "probabilities" if "probabilities" in table.column_names else "embedding"
+    lists = table.column(column).combine_chunks()
+    if lists.null_count:
+        raise _Invalid(f"{where}: finite check failed: {lists.null_count} null {column}")
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
+        raise _Invalid(f"{where}: schema check failed: {column} lists have uneven lengths")
+    if not len(lengths):
+        return
+    values = lists.flatten().to_numpy(zero_copy_only=False).reshape(len(lengths), int(lengths[0]))
+    keys = table.column(0)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise _Invalid(f"{where}: finite check failed: key {keys[int(np.flatnonzero(bad)[0])].as_py()!r} has NaN/inf")
+    if column == "probabilities":
+        sums = values.astype(np.float64).sum(axis=1)
+        off = np.abs(sums - 1.0) > PROBABILITY_TOLERANCE
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise _Invalid(f"{where}: probabilities check failed: key {keys[i].as_py()!r} sums to {sums[i]:.6f}")
+        predictions = table.column("prediction").to_numpy()
+        if (predictions != values.argmax(axis=1)).any():
+            i = int(np.flatnonzero(predictions != values.argmax(axis=1))[0])
+            raise _Invalid(f"{where}: prediction check failed: key {keys[i].as_py()!r} is not the argmax")
+    else:
+        norms = np.linalg.norm(values.astype(np.float64), axis=1)
+        off = np.abs(norms - 1.0) > NORM_TOLERANCE
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise _Invalid(f"{where}: unit norm check failed: key {keys[i].as_py()!r} has norm {norms[i]:.6f}")
+
+
+def _check_unique(key_hashes: list[np.ndarray], report: RunReport) -> None:
+    if not key_hashes:
+        return
+    hashes = np.concatenate(key_hashes)
+    key_hashes.clear()
+    hashes.sort()
+    if (hashes[1:] == hashes[:-1]).any():
+        raise _Invalid("uniqueness check failed: a key appears in more than one shard")
+    report.checks.append(Check("keys unique", True))
+
+
+def _remove_stale(plan: Plan, storage: Storage, layout: Layout, written: set[int]) -> None:
+    """Drop merged parts and shard files that no longer belong to the current input."""
+    for name in storage.list_names(layout.predictions_dir):
+        if name.startswith("part-") and name.endswith(".parquet"):
+            index = int(name[5:10]) if name[5:10].isdigit() else -1
+            if index not in written:
+                storage.remove(Storage.join(layout.predictions_dir, name))
+    planned = {s.shard_id for s in plan.shards}
+    for folder, suffix in (
+        (layout.markers_dir, ".json"),
+        (layout.shards_dir, ".parquet"),
+        (layout.errors_dir, ".parquet"),
+    ):
+        for name in storage.list_names(folder):
+            if name.endswith(suffix) and not name.startswith(".") and name.removesuffix(suffix) not in planned:
+                storage.remove(Storage.join(folder, name))
+
+
+def _record_missing(plan: Plan, failed: list[Shard], storage: Storage, in_storage: Storage, layout: Layout) -> int:
+    """For a partial result: write the keys of the failed shards to missing_keys.parquet."""
+    keys = [
+        _read_column(in_storage, s.partition_uri, plan.settings.key_column, range(s.rg_start, s.rg_stop))
+        for s in failed
+    ]
+    series = pl.concat(keys) if keys else pl.Series(plan.settings.key_column, [])
+    uri = Storage.join(layout.root, "missing_keys.parquet")
+    with storage.atomic_local_file(uri, suffix=".parquet") as tmp:
+        series.to_frame().write_parquet(tmp)
+    return len(series)
+
+
+def _finish(
+    plan: Plan,
+    storage: Storage,
+    layout: Layout,
+    report: RunReport,
+    results: dict[str, dict[str, Any]],
+    started: float,
+    *,
+    state: str,
+) -> RunReport:
+    validation = {
+        "ok": report.ok,
+        "checks": [asdict(c) for c in report.checks],
+        "failures": report.failures,
+        "failed_shards": report.failed_shards,
+        "missing_keys": report.missing_keys,
+        "missing_keys_file": "missing_keys.parquet" if report.missing_keys else None,
+    }
+    data = manifest(plan, state=state, results=results, validation=validation)
+    data["totals"].update({"rows_out": report.rows_out, "rows_error": report.rows_error, "parts": report.parts})
+    storage.write_json(layout.manifest, data)
+    if report.ok:
+        storage.write_bytes(layout.success, b"")
+    report.seconds = round(time.perf_counter() - started, 3)
+    log.info("merge-and-validate: %s (%d rows out, %d error rows)", state, report.rows_out, report.rows_error)
+    return report

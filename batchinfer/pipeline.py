@@ -1,0 +1,337 @@
+"""The run, without orchestration: prepare a plan, score shards, merge and validate.
+
+`flows/` calls these functions through thin Prefect tasks; `run_local` calls
+them directly (used by benchmarks and as a reference for the flow).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from batchinfer import progress
+from batchinfer.config import RunConfig
+from batchinfer.devices import Device, DevicePool, configure_threads, discover, pool_for
+from batchinfer.errors import (
+    BatchInferError,
+    ConfigError,
+    InputError,
+    ModelError,
+    OutputConflictError,
+    SchemaError,
+)
+from batchinfer.layout import Layout
+from batchinfer.models.base import ModelSpec, digest, resolve_model
+from batchinfer.planning import Partition, Shard, check_schemas, list_partitions, plan_shards, resolve_columns
+from batchinfer.runner import ShardSettings, ShardStats, is_done, read_marker, score_shard
+from batchinfer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Plan:
+    """Everything a run decided before scoring: partitions, shards, settings, what is already done."""
+
+    config: RunConfig
+    partitions: list[Partition]
+    shards: list[Shard]
+    settings: ShardSettings
+    devices: list[Device]
+    done: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def pending(self) -> list[Shard]:
+        return [s for s in self.shards if s.shard_id not in self.done]
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_spec(
+    model: str,
+    checkpoint: str | None,
+    precision: str,
+    features: tuple[str, ...] | None,
+    text_column: str | None,
+    options_json: str,
+) -> ModelSpec:
+    return resolve_model(
+        model,
+        checkpoint=checkpoint,
+        precision=precision,
+        features=list(features) if features else None,
+        text_column=text_column,
+        storage_options=json.loads(options_json),
+    )
+
+
+def model_spec(config: RunConfig) -> ModelSpec:
+    """The resolved model for a config (cached per process: tasks reuse the driver's)."""
+    return _cached_spec(
+        config.model,
+        config.checkpoint,
+        config.precision,
+        tuple(config.features) if config.features else None,
+        config.text_column,
+        json.dumps(config.storage_options, sort_keys=True),
+    )
+
+
+def _norm(uri: str) -> str:
+    uri = uri[len("file://") :] if uri.startswith("file://") else uri
+    if "://" not in uri:
+        uri = posixpath.abspath(uri)
+    return uri.rstrip("/")
+
+
+def check_locations(config: RunConfig) -> None:
+    """The output must not be, or lie inside, the input (and vice versa)."""
+    src, dst = _norm(config.input_uri), _norm(config.output_uri)
+    src_root = src.split("*", 1)[0].rstrip("/")
+    if dst == src_root or dst.startswith(src_root + "/"):
+        raise OutputConflictError(
+            f"--output {config.output_uri} is inside --input {config.input_uri}; pick another output"
+        )
+    if src_root.startswith(dst + "/"):
+        raise OutputConflictError(
+            f"--input {config.input_uri} is inside --output {config.output_uri}; pick another output"
+        )
+
+
+def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tuple[list[str], str | None]:
+    """Which columns feed the model: feature names (by name, never position) or the text column."""
+    if spec.input_kind == "text":
+        if not config.text_column:
+            raise ConfigError(f"--model {config.model} reads text: give --text-column NAME")
+        return [], config.text_column
+    if config.text_column and not config.features and not spec.feature_names:
+        raise ConfigError(f"--model {config.model} reads numeric features, not text: give --features")
+    if config.features:
+        names = resolve_columns(config.features, first)
+        if spec.feature_names and list(spec.feature_names) != names:
+            if len(names) != len(spec.feature_names):
+                raise ModelError(
+                    f"the model takes {len(spec.feature_names)} features but --features names {len(names)}"
+                )
+            if sorted(names) != sorted(spec.feature_names):
+                missing = next(n for n in spec.feature_names if n not in names)
+                raise SchemaError(f"--features does not include {missing!r}, which the model expects")
+            names = list(spec.feature_names)  # matched by name: the checkpoint's order wins
+        return names, None
+    if spec.feature_names:
+        return list(spec.feature_names), None
+    raise ConfigError(f"--model {config.model} does not record its feature names: give --features")
+
+
+def check_keys(storage: Storage, partitions: list[Partition], key_column: str) -> None:
+    """Keys must be non-null and unique within and across partitions (8 bytes a row, sorted in place)."""
+    total = sum(p.num_rows for p in partitions)
+    hashes = np.empty(total, dtype=np.uint64)
+    at = 0
+    for part in partitions:
+        if not part.num_rows:
+            continue
+        keys = _read_column(storage, part.uri, key_column)
+        if keys.null_count():
+            row = int(keys.is_null().arg_max())
+            raise SchemaError(
+                f"key column {key_column!r} has {keys.null_count()} null value(s) in {part.uri} (first at row {row})",
+                uri=part.uri,
+            )
+        hashes[at : at + len(keys)] = keys.hash(seed=0).to_numpy()
+        at += len(keys)
+    hashes.sort()
+    equal = np.flatnonzero(hashes[1:] == hashes[:-1])
+    if len(equal) == 0:
+        return
+    # Equal hashes: confirm with the real values (a 64-bit collision is possible, just unlikely).
+    suspects = np.unique(hashes[equal])
+    del hashes
+    seen: dict[Any, str] = {}
+    for part in partitions:
+        if not part.num_rows:
+            continue
+        keys = _read_column(storage, part.uri, key_column)
+        mask = np.isin(keys.hash(seed=0).to_numpy(), suspects)
+        for value in keys.filter(pl.Series(mask)).to_list():
+            if value in seen:
+                where = f"twice in {part.uri}" if seen[value] == part.uri else f"in {seen[value]} and {part.uri}"
+                raise SchemaError(f"key column {key_column!r} is not unique: {value!r} appears {where}", uri=part.uri)
+            seen[value] = part.uri
+
+
+def _read_column(storage: Storage, uri: str, column: str, row_groups: range | None = None) -> pl.Series:
+    try:
+        with storage.open(uri) as handle:
+            parquet = pq.ParquetFile(handle)
+            table = (
+                parquet.read_row_groups(row_groups, columns=[column])
+                if row_groups is not None
+                else parquet.read(columns=[column])
+            )
+    except BatchInferError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{uri} is corrupt or unreadable ({first})", uri=uri) from exc
+    return pl.from_arrow(table.column(0)).alias(column)  # type: ignore[union-attr]
+
+
+def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) -> None:
+    """Refuse an output that holds a run with another configuration, unless asked to overwrite."""
+    layout = Layout(config.output_uri)
+    if not storage.exists(layout.manifest):
+        return
+    try:
+        manifest = storage.read_json(layout.manifest)
+    except BatchInferError:
+        manifest = {}
+    same = (
+        manifest.get("model_fingerprint") == model_fingerprint
+        and manifest.get("output_fingerprint") == config.output_fingerprint()
+        and _norm(manifest.get("config", {}).get("input_uri", "")) == _norm(config.input_uri)
+    )
+    if same:
+        return
+    if not config.overwrite:
+        raise OutputConflictError(
+            f"--output {config.output_uri} holds a run with another configuration "
+            f"(model, columns or input differ); use --overwrite to replace it or pick a new output"
+        )
+    log.warning("overwriting the earlier run in %s", config.output_uri)
+    for folder in (layout.shards_dir, layout.markers_dir, layout.errors_dir, layout.predictions_dir):
+        storage.remove(folder, recursive=True)
+    storage.remove(layout.manifest)
+    storage.remove(layout.success)
+
+
+def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
+    """Validate everything that can be known up front and decide which shards need work."""
+    check_locations(config)
+    devices = discover(config.devices)
+    spec = model_spec(config)
+    in_storage = Storage(config.input_uri, config.storage_options)
+    partitions = list_partitions(in_storage, config.input_uri)
+    features, text_column = resolve_inputs(config, spec, partitions[0])
+    check_schemas(
+        partitions,
+        key_column=config.key_column,
+        features=features,
+        text_column=text_column,
+        passthrough=list(config.passthrough),
+    )
+    shards = plan_shards(partitions, config.shard_rows)
+    model_fingerprint = digest(spec.fingerprint, json.dumps([features, text_column]))
+    settings = ShardSettings(
+        output_uri=config.output_uri.rstrip("/"),
+        key_column=config.key_column,
+        features=tuple(features),
+        text_column=text_column,
+        passthrough=tuple(config.passthrough),
+        batch_size=config.batch_size or 1024,
+        max_error_ratio=config.max_error_ratio,
+        model_fingerprint=model_fingerprint,
+        output_fingerprint=config.output_fingerprint(),
+        storage_options=config.storage_options,
+    )
+    plan = Plan(config, partitions, shards, settings, devices)
+    if check_existing:
+        check_keys(in_storage, partitions, config.key_column)
+        out = Storage(config.output_uri, config.storage_options)
+        check_output(out, config, model_fingerprint)
+        plan.done = find_done(out, plan)
+    return plan
+
+
+def find_done(storage: Storage, plan: Plan) -> dict[str, dict[str, Any]]:
+    """Markers that prove a planned shard is done with this model and these settings."""
+    layout = Layout(plan.settings.output_uri)
+    present = {name.removesuffix(".json") for name in storage.list_names(layout.markers_dir)}
+    done = {}
+    for shard in plan.shards:
+        if shard.shard_id in present:
+            marker = read_marker(storage, plan.settings.output_uri, shard.shard_id)
+            if is_done(marker, shard, plan.settings):
+                done[shard.shard_id] = marker  # type: ignore[assignment]
+    return done
+
+
+def start_run(plan: Plan) -> None:
+    """Before any shard runs: the output is no longer a finished result; record the run; clean temps."""
+    storage = Storage(plan.settings.output_uri, plan.config.storage_options)
+    layout = Layout(plan.settings.output_uri)
+    storage.remove(layout.success)
+    for folder in (layout.shards_dir, layout.errors_dir, layout.markers_dir, layout.predictions_dir, layout.root):
+        removed = storage.remove_stale_temps(folder)
+        if removed:
+            log.info("removed %d temporary file(s) left in %s by an interrupted attempt", removed, folder)
+    storage.write_json(layout.manifest, manifest(plan, state="running"))
+    progress.emit(progress.Event("plan", total_rows=plan.total_rows, total_shards=len(plan.shards)))
+    for shard_id in plan.done:
+        progress.emit(progress.Event("shard_skipped", shard_id, rows=_rows(plan, shard_id)))
+
+
+def _rows(plan: Plan, shard_id: str) -> int:
+    return next(s.num_rows for s in plan.shards if s.shard_id == shard_id)
+
+
+def run_shard(plan_config: RunConfig, settings: ShardSettings, shard: Shard) -> ShardStats:
+    """Score one shard on a device lent by this process's pool."""
+    devices = discover(plan_config.devices)
+    configure_threads(devices, plan_config.cpu_threads)
+    pool: DevicePool = pool_for(devices)
+    return score_shard(shard, settings, model_spec(plan_config), pool)
+
+
+def manifest(
+    plan: Plan,
+    *,
+    state: str,
+    results: dict[str, dict[str, Any]] | None = None,
+    validation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    results = results or {}
+    shards = []
+    for shard in plan.shards:
+        entry = {**shard.to_dict()}
+        result = results.get(shard.shard_id) or plan.done.get(shard.shard_id)
+        if result:
+            entry.update({k: result.get(k) for k in ("state", "rows_out", "rows_error", "seconds", "device", "error")})
+            if shard.shard_id in plan.done and shard.shard_id not in results:
+                entry["state"] = "done"
+        else:
+            entry["state"] = "pending"
+        shards.append(entry)
+    return {
+        "version": MANIFEST_VERSION,
+        "state": state,
+        "config": plan.config.redacted(),
+        "model_fingerprint": plan.settings.model_fingerprint,
+        "output_fingerprint": plan.settings.output_fingerprint,
+        "features": list(plan.settings.features),
+        "text_column": plan.settings.text_column,
+        "partitions": [
+            {"uri": p.uri, "rows": p.num_rows, "row_groups": len(p.row_groups), "fingerprint": p.fingerprint}
+            for p in plan.partitions
+        ],
+        "shards": shards,
+        "totals": {
+            "partitions": len(plan.partitions),
+            "shards": len(plan.shards),
+            "rows": plan.total_rows,
+        },
+        "validation": validation,
+    }

@@ -1,0 +1,133 @@
+"""Streaming a shard's rows: row-group batches of only the needed columns, prefetched."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchinfer.errors import InputError
+from batchinfer.planning import Shard
+from batchinfer.storage import Storage, is_transient, storage_error
+
+T = TypeVar("T")
+
+
+def iter_shard(storage: Storage, shard: Shard, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """Record batches of the shard's row groups; never the whole partition at once."""
+    uri = shard.partition_uri
+    with storage.open(uri) as handle:
+        try:
+            parquet = pq.ParquetFile(handle)
+            expected = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.rg_start, shard.rg_stop))
+            if shard.rg_stop > parquet.metadata.num_row_groups or expected != shard.num_rows:
+                raise InputError(f"{uri} changed since it was planned; plan again", uri=uri, shard_id=shard.shard_id)
+            batches = parquet.iter_batches(
+                batch_size=chunk_rows,
+                row_groups=range(shard.rg_start, shard.rg_stop),
+                columns=columns,
+                use_threads=True,
+            )
+            yield from batches
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if is_transient(exc):
+                raise storage_error(exc, uri, "reading") from exc
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{uri} is corrupt or unreadable ({first})", uri=uri, shard_id=shard.shard_id) from exc
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Run `items` in a background thread, `depth` ahead, so reading overlaps compute."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(("end", done))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            buffer.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="batchinfer-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = buffer.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        close = getattr(items, "close", None)
+        thread.join(timeout=5)
+        if close and not thread.is_alive():
+            close()
+
+
+def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A float32 [rows, features] matrix, a mask of rows that can be scored, and why the others cannot.
+
+    One fixed-size-list column converts without a copy; separate columns are
+    copied into one C-ordered matrix.
+    """
+    rows = batch.num_rows
+    if len(features) == 1 and pa.types.is_fixed_size_list(batch.schema.field(features[0]).type):
+        column = batch.column(features[0])
+        width = column.type.list_size
+        values = column.flatten() if column.offset or column.null_count else column.values
+        matrix = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
+        if column.null_count:
+            full = np.full((rows, width), np.nan, dtype=np.float32)
+            valid = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False))
+            full[valid] = matrix.reshape(-1, width)
+            matrix = full
+        else:
+            matrix = matrix.reshape(rows, width)
+        nulls = {features[0]: np.asarray(column.is_null().to_numpy(zero_copy_only=False))} if column.null_count else {}
+    else:
+        matrix = np.empty((rows, len(features)), dtype=np.float32)
+        nulls = {}
+        for j, name in enumerate(features):
+            column = batch.column(name)
+            if column.null_count:
+                nulls[name] = np.asarray(column.is_null().to_numpy(zero_copy_only=False))
+                column = column.fill_null(0)
+            matrix[:, j] = column.to_numpy(zero_copy_only=False)
+    finite = np.isfinite(matrix)
+    ok = finite.all(axis=1)
+    for mask in nulls.values():
+        ok &= ~mask
+    reasons: list[str] = []
+    if not ok.all():
+        for i in np.flatnonzero(~ok):
+            reasons.append(_row_reason(i, matrix, nulls, features))
+    return matrix, ok, reasons
+
+
+def _row_reason(i: int, matrix: np.ndarray, nulls: dict[str, np.ndarray], features: list[str]) -> str:
+    for name, mask in nulls.items():
+        if mask[i]:
+            return f"column {name!r} is null"
+    row = matrix[i]
+    j = int(np.flatnonzero(~np.isfinite(row))[0])
+    name = features[j] if len(features) > 1 else f"{features[0]}[{j}]"
+    value = "NaN" if np.isnan(row[j]) else ("inf" if row[j] > 0 else "-inf")
+    return f"column {name!r} is {value}"

@@ -1,0 +1,313 @@
+"""Scoring one shard on one device and committing it: data first, marker last.
+
+A shard's rows stream through in chunks; each chunk's rows are checked, scored
+in mini-batches under `torch.inference_mode()`, and appended as a row group to a
+temporary Parquet file. Only when every row is accounted for is the file moved
+into place, then the errors file, then the marker. A failure at any point
+leaves no marker, so the shard counts as not done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from batchinfer import progress
+from batchinfer.devices import Device, DevicePool
+from batchinfer.errors import BatchInferError, ModelError, ShardFailedError
+from batchinfer.layout import Layout
+from batchinfer.models.base import ModelSpec, Predictor
+from batchinfer.planning import Shard
+from batchinfer.reader import feature_matrix, iter_shard, prefetch
+from batchinfer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS_FEATURES = 65_536
+CHUNK_ROWS_TEXT = 4_096
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What scoring needs besides the model: plain values, safe to send to a task."""
+
+    output_uri: str
+    key_column: str
+    features: tuple[str, ...]
+    text_column: str | None
+    passthrough: tuple[str, ...]
+    batch_size: int
+    max_error_ratio: float
+    model_fingerprint: str
+    output_fingerprint: str
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+@dataclass
+class ShardStats:
+    """What happened to one shard; stats add up across shards."""
+
+    shard_id: str
+    partition_uri: str
+    rows_in: int = 0
+    rows_out: int = 0
+    rows_error: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    model_loaded: bool = False
+    state: str = "done"  # done | skipped | failed
+    error: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_in / self.seconds if self.seconds > 0 else 0.0
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+
+def score_shard(
+    shard: Shard, settings: ShardSettings, spec: ModelSpec, pool: DevicePool, storage: Storage | None = None
+) -> ShardStats:
+    """Lease a device, score the shard, commit it. Raises on failure (nothing committed)."""
+    storage = storage or Storage(settings.output_uri, settings.storage_options)
+    with pool.lease(shard.shard_id) as device:
+        stats = ShardStats(shard.shard_id, shard.partition_uri, device=device.name, started_at=_now())
+        start = time.perf_counter()
+        predictor, stats.model_loaded = pool.model(device, spec)
+        _score_and_commit(shard, settings, spec, predictor, device, storage, stats)
+        stats.seconds = round(time.perf_counter() - start, 6)
+        stats.finished_at = _now()
+        _write_marker(shard, settings, spec, stats, storage)
+    progress.emit(progress.Event("shard_done", shard.shard_id, rows=stats.rows_in))
+    log.info(
+        "shard %s done on %s: %d rows in %.2f s (%d errors)",
+        shard.shard_id,
+        device.name,
+        stats.rows_in,
+        stats.seconds,
+        stats.rows_error,
+    )
+    return stats
+
+
+def _list_array(values: np.ndarray) -> pa.Array:
+    rows, width = values.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
+
+
+def _score_and_commit(
+    shard: Shard,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    storage: Storage,
+    stats: ShardStats,
+) -> None:
+    layout = Layout(settings.output_uri)
+    in_storage = Storage(shard.partition_uri, settings.storage_options)
+    text = spec.input_kind == "text"
+    inputs = [settings.text_column] if text else list(settings.features)
+    columns = list(dict.fromkeys([settings.key_column, *inputs, *settings.passthrough]))
+    chunk_rows = CHUNK_ROWS_TEXT if text else CHUNK_ROWS_FEATURES
+    error_keys: list[Any] = []
+    error_reasons: list[str] = []
+    writer: pq.ParquetWriter | None = None
+    with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
+        try:
+            for batch in prefetch(iter_shard(in_storage, shard, columns, chunk_rows)):
+                table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                if table.num_rows:
+                    writer.write_table(table)
+                error_keys.extend(bad_keys)
+                error_reasons.extend(bad_reasons)
+                stats.rows_in += batch.num_rows
+                stats.rows_out += table.num_rows
+                progress.emit(progress.Event("rows", shard.shard_id, rows=batch.num_rows))
+            if writer is None:  # a shard always has rows, but keep the file valid regardless
+                raise ShardFailedError(f"shard {shard.shard_id} of {shard.partition_uri} read no rows")
+        finally:
+            if writer is not None:
+                writer.close()
+        stats.rows_error = len(error_keys)
+        if stats.rows_in != shard.num_rows:
+            raise ShardFailedError(
+                f"shard {shard.shard_id}: read {stats.rows_in} rows from {shard.partition_uri}, planned {shard.num_rows}",
+                shard_id=shard.shard_id,
+            )
+        _check_error_ratio(shard, settings, stats, error_reasons)
+        if error_keys:
+            _write_errors(layout, shard, settings, storage, error_keys, error_reasons)
+        else:
+            storage.remove(layout.errors(shard.shard_id))
+
+
+def _check_error_ratio(shard: Shard, settings: ShardSettings, stats: ShardStats, reasons: list[str]) -> None:
+    if not stats.rows_error:
+        return
+    ratio = stats.rows_error / max(stats.rows_in, 1)
+    if ratio > settings.max_error_ratio:
+        common = max(set(reasons), key=reasons.count)
+        raise ShardFailedError(
+            f"{shard.partition_uri}: {stats.rows_error} of {stats.rows_in} rows cannot be scored "
+            f"(e.g. {common}); --max-error-ratio is {settings.max_error_ratio}",
+            uri=shard.partition_uri,
+            shard_id=shard.shard_id,
+        )
+
+
+def _write_errors(
+    layout: Layout, shard: Shard, settings: ShardSettings, storage: Storage, keys: list[Any], reasons: list[str]
+) -> None:
+    table = pa.table({settings.key_column: keys, "reason": pa.array(reasons, pa.string())})
+    with storage.atomic_local_file(layout.errors(shard.shard_id), suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def _score_chunk(
+    batch: pa.RecordBatch,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    shard: Shard,
+) -> tuple[pa.Table, list[Any], list[str]]:
+    """Score one chunk; return the output table of good rows and the keys/reasons of bad rows."""
+    keys = batch.column(settings.key_column)
+    if spec.input_kind == "text":
+        texts = batch.column(settings.text_column)
+        ok = ~np.asarray(texts.is_null().to_numpy(zero_copy_only=False))
+        reasons = [f"text column {settings.text_column!r} is null"] * int((~ok).sum())
+        values = _predict_texts(texts.filter(pa.array(ok)).to_pylist(), settings.batch_size, predictor)
+    else:
+        matrix, ok, reasons = feature_matrix(batch, list(settings.features))
+        good = matrix if ok.all() else matrix[ok]
+        values = _predict_matrix(good, settings.batch_size, predictor, device)
+    _check_outputs(values, spec, shard, keys.filter(pa.array(ok)))
+    good_keys = keys if ok.all() else keys.filter(pa.array(ok))
+    columns: dict[str, pa.Array] = {settings.key_column: good_keys}
+    if spec.output_kind == "classifier":
+        columns["prediction"] = pa.array(values.argmax(axis=1).astype(np.int64))
+        columns["probabilities"] = _list_array(values)
+    else:
+        columns["embedding"] = _list_array(values)
+    for name in settings.passthrough:
+        column = batch.column(name)
+        columns[name] = column if ok.all() else column.filter(pa.array(ok))
+    bad_keys = keys.filter(pa.array(~ok)).to_pylist() if not ok.all() else []
+    return pa.table(columns), bad_keys, reasons
+
+
+def _predict_matrix(matrix: np.ndarray, batch_size: int, predictor: Predictor, device: Device) -> np.ndarray:
+    rows = matrix.shape[0]
+    if rows == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    host = torch.from_numpy(np.ascontiguousarray(matrix))
+    if device.torch_name.startswith("cuda"):
+        host = host.pin_memory()
+    outputs: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for start in range(0, rows, batch_size):
+            x = host[start : start + batch_size].to(device.torch, non_blocking=True)
+            outputs.append(_as_output(predictor.predict(x), x.shape[0]).to("cpu", non_blocking=True))
+    if device.torch_name.startswith("cuda"):
+        torch.cuda.synchronize(device.torch)
+    return torch.cat(outputs).numpy()
+
+
+def _predict_texts(texts: list[str], batch_size: int, predictor: Predictor) -> np.ndarray:
+    """Score texts in length-sorted batches (less padding) and restore the original order."""
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    tokenize = getattr(predictor, "tokenize", None)
+    encode_ids = getattr(predictor, "encode_ids", None)
+    with torch.inference_mode():
+        if tokenize is None or encode_ids is None:
+            outputs = [
+                _as_output(predictor.predict(texts[i : i + batch_size]), len(texts[i : i + batch_size]))
+                for i in range(0, len(texts), batch_size)
+            ]
+            return torch.cat([o.cpu() for o in outputs]).numpy()
+        ids = tokenize(texts)
+        order = np.argsort(np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids)), kind="stable")
+        result: np.ndarray | None = None
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            out = _as_output(encode_ids([ids[i] for i in index]), len(index)).cpu().numpy()
+            if result is None:
+                result = np.empty((len(texts), out.shape[1]), dtype=np.float32)
+            result[index] = out
+        assert result is not None
+        return result
+
+
+def _as_output(value: Any, rows: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise ModelError(f"the model returned {type(value).__name__}, expected a torch.Tensor")
+    if value.ndim != 2 or value.shape[0] != rows:
+        raise ModelError(f"the model returned shape {tuple(value.shape)} for {rows} rows; expected [{rows}, width]")
+    if not value.is_floating_point():
+        raise ModelError(f"the model returned dtype {value.dtype}; expected floating point")
+    return value.float()
+
+
+def _check_outputs(values: np.ndarray, spec: ModelSpec, shard: Shard, keys: pa.Array) -> None:
+    if values.size == 0:
+        return
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        first = keys[int(np.flatnonzero(~finite)[0])].as_py()
+        raise ShardFailedError(
+            f"shard {shard.shard_id}: the model produced NaN/inf for {int((~finite).sum())} rows (first key {first!r})",
+            shard_id=shard.shard_id,
+        )
+
+
+def _write_marker(shard: Shard, settings: ShardSettings, spec: ModelSpec, stats: ShardStats, storage: Storage) -> None:
+    layout = Layout(settings.output_uri)
+    marker = {
+        **stats.to_dict(),
+        "shard": shard.to_dict(),
+        "model_fingerprint": settings.model_fingerprint,
+        "output_fingerprint": settings.output_fingerprint,
+        "output": layout.shard(shard.shard_id),
+        "errors": layout.errors(shard.shard_id) if stats.rows_error else None,
+    }
+    storage.write_json(layout.marker(shard.shard_id), marker)
+
+
+def read_marker(storage: Storage, output_uri: str, shard_id: str) -> dict[str, Any] | None:
+    """A shard's marker, or None if absent or unreadable (an unreadable marker means not done)."""
+    uri = Layout(output_uri).marker(shard_id)
+    try:
+        return storage.read_json(uri)
+    except BatchInferError:
+        return None
+
+
+def is_done(marker: dict[str, Any] | None, shard: Shard, settings: ShardSettings) -> bool:
+    return bool(
+        marker
+        and marker.get("shard_id") == shard.shard_id
+        and marker.get("model_fingerprint") == settings.model_fingerprint
+        and marker.get("output_fingerprint") == settings.output_fingerprint
+        and marker.get("rows_in") == shard.num_rows
+    )

@@ -1,0 +1,278 @@
+"""All storage access: local paths, file:// and s3:// URIs through fsspec/s3fs.
+
+Nothing else in the core touches paths or filesystems. Writes are atomic from a
+reader's point of view: local files are written under a temporary name in the
+same folder and renamed; object stores receive one PUT of a finished file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from batchinfer.errors import InputError, StorageError, TransientStorageError
+
+log = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+_TRANSIENT_WORDS = (
+    "throttl",
+    "slowdown",
+    "slow down",
+    "timeout",
+    "timed out",
+    "connection reset",
+    "connection refused",
+    "connection aborted",
+    "could not connect",
+    "connect timeout",
+    "serviceunavailable",
+    "service unavailable",
+    "internalerror",
+    "broken pipe",
+    "temporarily",
+    "endpointconnectionerror",
+    "server disconnected",
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures a retry may cure (throttling, timeouts, dropped connections)."""
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(word in text for word in _TRANSIENT_WORDS)
+
+
+def storage_error(exc: BaseException, uri: str, action: str) -> StorageError | InputError:
+    """Turn a filesystem exception into one of ours with a line naming the URI."""
+    if is_transient(exc):
+        return TransientStorageError(f"{action} {uri} failed (transient): {_short(exc)}", uri=uri)
+    if isinstance(exc, FileNotFoundError):
+        text = str(exc).lower()
+        if "bucket" in text:
+            return StorageError(f"{action} {uri} failed: the bucket does not exist", uri=uri)
+        return InputError(f"{uri} does not exist", uri=uri)
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{action} {uri} failed: access denied (check the credentials and permissions)", uri=uri)
+    return StorageError(f"{action} {uri} failed: {_short(exc)}", uri=uri)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]
+
+
+def _strip_protocol(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A listed file: full URI, size in bytes and a version tag (etag or mtime)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+class Storage:
+    """One filesystem plus the storage options used to reach it."""
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+        self.options = dict(storage_options or {})
+        self.fs, _ = url_to_fs(_strip_protocol(uri), **self.options)
+        self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        self.is_local = self.protocol in ("file", "local")
+
+    # -- naming -------------------------------------------------------------
+    def path(self, uri: str) -> str:
+        """The filesystem's own path for a URI (no protocol)."""
+        return self.fs._strip_protocol(_strip_protocol(uri))
+
+    def uri(self, path: str) -> str:
+        """A URI users can read back (s3://bucket/key or a local path)."""
+        return path if self.is_local else f"{self.protocol}://{path}"
+
+    @staticmethod
+    def join(base: str, *parts: str) -> str:
+        base = base.rstrip("/")
+        return posixpath.join(base, *parts) if parts else base
+
+    # -- reading ------------------------------------------------------------
+    def exists(self, uri: str) -> bool:
+        try:
+            return self.fs.exists(self.path(uri))
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise storage_error(exc, uri, "checking") from exc
+
+    def invalidate(self, uri: str | None = None) -> None:
+        """Drop cached listings (s3fs caches them; other writers may have changed the store)."""
+        self.fs.invalidate_cache(self.path(uri) if uri else None)
+
+    def info(self, uri: str) -> FileInfo:
+        try:
+            info = self.fs.info(self.path(uri))
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "reading") from exc
+        return self._file_info(info)
+
+    def _file_info(self, info: dict[str, Any]) -> FileInfo:
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+        if hasattr(version, "isoformat"):
+            version = version.isoformat()
+        if isinstance(version, float):
+            version = repr(version)
+        return FileInfo(uri=self.uri(info["name"]), size=int(info.get("size") or 0), version=str(version).strip('"'))
+
+    def list_files(self, uri: str, suffix: str = ".parquet") -> list[FileInfo]:
+        """Files under a folder, a glob or a single file, sorted; hidden and `_` files skipped."""
+        path = self.path(uri)
+        try:
+            self.fs.invalidate_cache()
+            if any(ch in path for ch in "*?["):
+                found = self.fs.glob(path, detail=True)
+            elif self.fs.isfile(path):
+                found = {path: self.fs.info(path)}
+            elif self.fs.isdir(path):
+                found = self.fs.find(path, detail=True)
+            else:
+                raise InputError(f"input {uri} does not exist", uri=uri)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "listing") from exc
+        files = []
+        root = path.rstrip("/")
+        for name, info in sorted(found.items()):
+            if info.get("type") == "directory":
+                continue
+            relative = name[len(root) :].lstrip("/") if name.startswith(root + "/") else posixpath.basename(name)
+            if any(part.startswith((".", "_")) for part in relative.split("/")):
+                continue
+            if suffix and not name.endswith(suffix):
+                continue
+            files.append(self._file_info(info))
+        return files
+
+    @contextmanager
+    def open(self, uri: str, mode: str = "rb") -> Iterator[IO[bytes]]:
+        try:
+            handle = self.fs.open(self.path(uri), mode)
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "opening") from exc
+        with handle:
+            yield handle
+
+    def read_bytes(self, uri: str) -> bytes:
+        try:
+            return self.fs.cat_file(self.path(uri))
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "reading") from exc
+
+    def read_json(self, uri: str) -> Any:
+        data = self.read_bytes(uri)
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise StorageError(f"{uri} is not valid JSON ({exc.msg})", uri=uri) from None
+
+    def list_names(self, uri: str) -> list[str]:
+        """Base names directly under a folder ([] when it does not exist)."""
+        path = self.path(uri)
+        try:
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                return []
+            return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False))
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "listing") from exc
+
+    # -- writing ------------------------------------------------------------
+    @contextmanager
+    def atomic_local_file(self, uri: str, suffix: str = "") -> Iterator[str]:
+        """Yield a local temp path; on success it becomes `uri` in one step, else it is removed."""
+        if self.is_local:
+            target = self.path(uri)
+            folder = posixpath.dirname(target)
+            os.makedirs(folder, exist_ok=True)
+            tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{suffix}")
+        else:
+            fd, tmp = tempfile.mkstemp(prefix="batchinfer-", suffix=suffix)
+            os.close(fd)
+        try:
+            yield tmp
+            if self.is_local:
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                os.replace(tmp, target)
+                _fsync_dir(folder)
+            else:
+                try:
+                    self.fs.put_file(tmp, self.path(uri))
+                except Exception as exc:  # noqa: BLE001
+                    raise storage_error(exc, uri, "writing") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write a whole object atomically."""
+        with self.atomic_local_file(uri) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+
+    def write_json(self, uri: str, value: Any) -> None:
+        self.write_bytes(uri, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def remove(self, uri: str, recursive: bool = False) -> None:
+        path = self.path(uri)
+        try:
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=recursive)
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "removing") from exc
+
+    def remove_stale_temps(self, folder_uri: str) -> int:
+        """Delete temporary files a killed attempt left behind; return how many."""
+        if not self.is_local:
+            return 0
+        removed = 0
+        for name in self.list_names(folder_uri):
+            if name.startswith(TMP_PREFIX):
+                self.remove(self.join(folder_uri, name))
+                removed += 1
+        return removed
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def filesystem_for(uri: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
+    return Storage(uri, storage_options).fs

@@ -1,0 +1,147 @@
+"""The batch-inference flow: plan -> infer_shard per shard (tag `gpu`) -> merge-and-validate.
+
+Orchestration only; the work is in `batchinfer` behind the tasks in `tasks/`.
+At most N shards run at once (N = devices): a bounded task runner inside the
+run, and the Prefect concurrency limit of the `gpu` tag across runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
+from prefect.futures import as_completed
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from batchinfer.merge import RunReport
+from batchinfer.pipeline import Plan, start_run
+from flows.params import ComputeParams, InputParams, ModelParams, OutputParams, to_config
+from tasks.shards import GPU_TAG, infer_shard, merge_run, plan_run
+
+log = logging.getLogger(__name__)
+
+
+def set_concurrency_limit(tag: str, limit: int) -> None:
+    """Create or update the tag's limit so runs sharing this server share the devices."""
+    try:
+        with get_client(sync_client=True) as client:
+            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
+    except Exception as exc:  # noqa: BLE001 - the in-run bound still holds without it
+        get_run_logger().warning("could not set the concurrency limit of tag %r: %s", tag, exc)
+
+
+def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
+    """Score pending shards, at most one per device at a time; a failed shard does not stop the rest."""
+    logger = get_run_logger()
+    pending = plan.pending
+    results: dict[str, dict[str, Any]] = {}
+    if not pending:
+        return results
+    config = plan.config
+    task = infer_shard if config.concurrency_tag == GPU_TAG else infer_shard.with_options(tags=[config.concurrency_tag])
+    progress_id = create_progress_artifact(
+        progress=_percent(plan, results), key="batchinfer-progress", description="Shards finished"
+    )
+    with ThreadPoolTaskRunner(max_workers=len(plan.devices)) as runner:
+        futures = {runner.submit(task, {"config": config, "settings": plan.settings, "shard": s}): s for s in pending}
+        for future in as_completed(list(futures)):
+            shard = futures[future]
+            state = future.state
+            if state.is_completed():
+                results[shard.shard_id] = future.result()
+            else:
+                exc = state.result(raise_on_failure=False)
+                reason = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+                results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
+                logger.error("shard %s failed: %s", shard.shard_id, reason)
+            update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
+    return results
+
+
+def _percent(plan: Plan, results: dict[str, dict[str, Any]]) -> float:
+    finished = len(plan.done) + len(results)
+    return round(100.0 * finished / max(len(plan.shards), 1), 2)
+
+
+def publish(plan: Plan, results: dict[str, dict[str, Any]], report: RunReport) -> None:
+    """A table of shards and a markdown report, for the run's page in the UI."""
+    rows = []
+    for shard in plan.shards:
+        result = results.get(shard.shard_id) or plan.done.get(shard.shard_id) or {}
+        state = "skipped (already done)" if shard.shard_id in plan.done else result.get("state", "pending")
+        seconds = float(result.get("seconds") or 0.0)
+        rows.append(
+            {
+                "shard": shard.shard_id,
+                "partition": shard.partition_uri,
+                "rows": shard.num_rows,
+                "seconds": round(seconds, 3),
+                "rows/s": round(shard.num_rows / seconds) if seconds else 0,
+                "device": result.get("device", ""),
+                "state": state,
+                "error rows": result.get("rows_error", 0),
+                "error": (result.get("error") or "")[:200],
+            }
+        )
+    create_table_artifact(table=rows, key="batchinfer-shards", description="One row per shard")
+    checks = "\n".join(f"| {c.name} | {'ok' if c.ok else 'FAILED'} | {c.detail} |" for c in report.checks)
+    failures = "\n".join(f"- {line}" for line in report.failures[:50]) or "none"
+    create_markdown_artifact(
+        key="batchinfer-report",
+        description="Validation report",
+        markdown=(
+            f"# batchinfer run: {'succeeded' if report.ok else 'FAILED'}\n\n"
+            f"Output: `{report.output_uri}`\n\n"
+            f"| rows | rows out | error rows | shards | run | skipped | failed |\n|---|---|---|---|---|---|---|\n"
+            f"| {report.rows} | {report.rows_out} | {report.rows_error} | {report.shards} | {report.shards_run} "
+            f"| {report.shards_skipped} | {report.shards_failed} |\n\n"
+            f"## Checks\n\n| check | result | detail |\n|---|---|---|\n{checks}\n\n## Failures\n\n{failures}\n"
+        ),
+    )
+
+
+@flow(name="batch-inference", validate_parameters=True, log_prints=True)
+def batch_inference(
+    input: InputParams,
+    model: ModelParams,
+    output: OutputParams,
+    compute: ComputeParams | None = None,
+) -> dict[str, Any]:
+    """Score every row of a Parquet dataset with a PyTorch model, one shard per device at a time.
+
+    Args:
+        input: Where the rows are and which columns to use.
+        model: The model and its checkpoint and precision.
+        output: Where the results go and what counts as success.
+        compute: Devices, batch size and shard size.
+    """
+    config = to_config(input, model, output, compute or ComputeParams())
+    logger = get_run_logger()
+    plan = plan_run(config)
+    set_concurrency_limit(config.concurrency_tag, len(plan.devices))
+    logger.info(
+        "%d partitions, %d shards (%d already done), %d rows, %d device(s): %s",
+        len(plan.partitions),
+        len(plan.shards),
+        len(plan.done),
+        plan.total_rows,
+        len(plan.devices),
+        ", ".join(d.name for d in plan.devices),
+    )
+
+    start_run(plan)
+    results = run_shards(plan)
+    report = merge_run(plan, results)
+    publish(plan, results, report)
+    if not report.ok:
+        return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]
+    return report.to_dict()

@@ -1,0 +1,68 @@
+"""Prefect tasks: plan, score one shard (tagged `gpu`), merge-and-validate.
+
+Each task is a few lines over `batchinfer.pipeline` / `batchinfer.merge`.
+Shard results are not cached by Prefect: the shard's marker on storage is the
+cache, so a retried or re-triggered run skips finished shards however it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from batchinfer.config import RunConfig
+from batchinfer.errors import BatchInferError
+from batchinfer.merge import RunReport, merge_and_validate
+from batchinfer.pipeline import Plan, prepare, run_shard
+from batchinfer.planning import Shard
+from batchinfer.runner import ShardSettings
+from batchinfer.storage import is_transient
+
+GPU_TAG = "gpu"
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only what may pass (storage throttling, timeouts, resets); fail fast on the rest."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # noqa: BLE001
+        return False
+    if isinstance(exc, BatchInferError):
+        return exc.transient
+    return isinstance(exc, BaseException) and is_transient(exc)
+
+
+@task(
+    name="plan-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_transient
+)
+def plan_run(config: RunConfig) -> Plan:
+    """List partitions, check the input, plan shards and find the ones already done."""
+    return prepare(config)
+
+
+@task(
+    name="infer-shard",
+    tags=[GPU_TAG],
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_transient,
+    task_run_name="shard-{shard.shard_id}",
+)
+def infer_shard(config: RunConfig, settings: ShardSettings, shard: Shard) -> dict[str, Any]:
+    """Score one shard on one device and commit it (data first, marker last)."""
+    return run_shard(config, settings, shard).to_dict()
+
+
+@task(
+    name="merge-and-validate",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[1, 5],
+    retry_condition_fn=retry_transient,
+)
+def merge_run(plan: Plan, results: dict[str, dict[str, Any]]) -> RunReport:
+    """Merge committed shards into predictions/, validate, write the manifest and _SUCCESS."""
+    return merge_and_validate(plan, results)
