@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Quick start, part 2: install with test extras, then run the whole test suite.
+# Services the tests need (a local S3 server, a Prefect server) are started and stopped by the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh test
+export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d -t batchinfer-prefect-XXXXXX)}"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export HF_HUB_OFFLINE=1
+exec .venv/bin/python -m pytest "$@"
