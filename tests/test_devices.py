@@ -1,0 +1,169 @@
+"""Concurrency equals the devices: one device per running shard, one model copy per device."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from batchinfer.devices import DevicePool, Device, discover, pool_for
+from batchinfer.errors import DeviceError
+from tests.conftest import ROOT, run_job
+from tests.faulty_models import FEATURES
+
+MODEL = "tests.faulty_models:factory"
+
+
+@pytest.fixture
+def control(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "control"
+    folder.mkdir()
+    monkeypatch.setenv("BATCHINFER_TEST_CONTROL", str(folder))
+    return folder
+
+
+def _markers(output: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((output / "markers").glob("*.json"))]
+
+
+def _interval(marker: dict) -> tuple[float, float]:
+    start = dt.datetime.fromisoformat(marker["started_at"]).timestamp()
+    end = dt.datetime.fromisoformat(marker["finished_at"]).timestamp()
+    return start, end
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_discover_cpu_and_fake_devices():
+    assert [d.name for d in discover("cpu")] == ["cpu"]
+    assert [d.name for d in discover("fake:3")] == ["fake:0", "fake:1", "fake:2"]
+    assert all(d.torch_name == "cpu" for d in discover("fake:3"))
+    if not torch.cuda.is_available():
+        assert [d.name for d in discover("auto")] in (["cpu"], ["mps"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0", "need at least one device"),
+        ("-1", "need at least one device"),
+        ("fake:0", "need at least one device"),
+        ("cuda:7", "cuda:7 does not exist"),
+        ("tpu", "is not a device"),
+        ("cpu,cpu", "listed twice"),
+    ],
+)
+def test_bad_device_specs_fail_with_one_line(spec, message):
+    with pytest.raises(DeviceError, match=message):
+        discover(spec)
+
+
+def test_more_devices_than_gpus_is_refused(monkeypatch):
+    """--devices 3 on a machine with 2 GPUs names what is visible."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [d.name for d in discover("auto")] == ["cuda:0", "cuda:1"]
+    assert [d.name for d in discover("2")] == ["cuda:0", "cuda:1"]
+    assert [d.name for d in discover("cuda:1")] == ["cuda:1"]
+    with pytest.raises(DeviceError, match=r"--devices 3: only 2 CUDA device\(s\) are visible \(cuda:0, cuda:1\)"):
+        discover("3")
+    with pytest.raises(DeviceError, match="cuda:7 does not exist"):
+        discover("cuda:0,cuda:7")
+
+
+def test_bad_devices_exit_before_any_shard(tabular, tmp_path, capsys):
+    from batchinfer.cli import main
+
+    output = tmp_path / "out"
+    code = main(["run", "--input", tabular["input"], "--output", str(output), "--model", "mlp",
+                 "--checkpoint", tabular["checkpoint"], "--devices", "cuda:7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [err[0]] and "cuda:7 does not exist" in err[0]
+    assert not output.exists()
+
+
+def test_lease_returns_device_when_the_shard_raises():
+    pool = DevicePool([Device("fake:0", "cpu")])
+    with pytest.raises(RuntimeError, match="boom"):
+        with pool.lease("a" * 16):
+            raise RuntimeError("boom")
+    assert pool.held == {}
+    with pool.lease("b" * 16, timeout=1) as device:
+        assert device.name == "fake:0"
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_fake_devices_through_the_flow(tabular, tmp_path, control):
+    """3 devices, 12 shards: at most 3 overlap, no device held twice, all used, one model load per device."""
+    (control / "sleep").write_text("0.15")
+    (control / "fail").write_text("value 2000 2001")  # one shard raises: its device must come back
+    output = tmp_path / "out"
+    pool = pool_for(discover("fake:3"))
+    history_before = len(pool.history)
+    with pytest.raises(Exception, match="injected failure"):
+        run_job(input_uri=tabular["input"], output_uri=str(output), model=MODEL, features=FEATURES,
+                devices="fake:3", shard_rows=2_000, batch_size=500)
+    history = pool.history[history_before:]
+    assert len(history) == 12
+    assert pool.held == {}
+    assert {r.device for r in history} == {"fake:0", "fake:1", "fake:2"}
+    assert _max_overlap([(r.start, r.end) for r in history]) <= 3
+    assert _max_overlap([(r.start, r.end) for r in history]) >= 2  # they did run side by side
+    for device in ("fake:0", "fake:1", "fake:2"):
+        own = sorted((r.start, r.end) for r in history if r.device == device)
+        assert all(a[1] <= b[0] for a, b in zip(own, own[1:], strict=False)), f"{device} was held by two shards"
+    loads = (control / "loads").read_text().split()
+    assert len(loads) <= 3
+    markers = _markers(output)
+    assert len(markers) == 11  # the failing shard committed nothing
+    assert {m["device"] for m in markers} == {"fake:0", "fake:1", "fake:2"}
+    assert sum(m["model_loaded"] for m in markers) <= 3
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["state"] == "failed"
+    failed = [s for s in manifest["shards"] if s["state"] == "failed"]
+    assert len(failed) == 1 and "injected failure" in failed[0]["error"]
+    assert not (output / "_SUCCESS").exists()
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_gpu_tag_limit_is_set_and_shared_by_two_runs(tabular, tmp_path, control):
+    """Two runs on one server, each with 2 fake devices: together never more than 2 shards at once."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    tag = "gpu-shared-test"
+    (control / "sleep").write_text("0.3")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT),
+           "BATCHINFER_TEST_CONTROL": str(control)}
+    outputs = [tmp_path / "a", tmp_path / "b"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "batchinfer.cli", "run", "--input", tabular["input"], "--output", str(out),
+             "--model", MODEL, "--features", ",".join(FEATURES), "--devices", "fake:2", "--shard-rows", "5000",
+             "--batch-size", "1000", "--concurrency-tag", tag],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for out in outputs
+    ]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        assert client.read_concurrency_limit_by_tag(tag).concurrency_limit == 2
+    intervals = [_interval(m) for out in outputs for m in _markers(out)]
+    assert len(intervals) == 8
+    assert _max_overlap(intervals) <= 2
