@@ -174,11 +174,7 @@ def _validated_shard(
         raise _Invalid(f"{where}: output file is not valid Parquet ({exc})") from None
     _check_schema(plan, table, where)
     errors = _error_keys(storage, layout, shard, settings.key_column, where)
-    if table.num_rows + len(errors) != shard.num_rows or marker.get("rows_out") != table.num_rows:
-        raise _Invalid(
-            f"{where}: row counts check failed: {table.num_rows} output + {len(errors)} error rows, "
-            f"planned {shard.num_rows}, marker says {marker.get('rows_out')}"
-        )
+    # Keys before counts: a lost or repeated row is reported by its key, not only as a count mismatch.
     expected = _read_column(in_storage, shard.partition_uri, settings.key_column, range(shard.rg_start, shard.rg_stop))
     got = pl.concat([pl.from_arrow(table.column(0)).alias("k"), errors.alias("k")])  # type: ignore[union-attr]
     if not got.sort().equals(expected.alias("k").sort()):
@@ -195,6 +191,11 @@ def _validated_shard(
             else "keys differ"
         )
         raise _Invalid(f"{where}: keys check failed: {what}")
+    if table.num_rows + len(errors) != shard.num_rows or marker.get("rows_out") != table.num_rows:
+        raise _Invalid(
+            f"{where}: row counts check failed: {table.num_rows} output + {len(errors)} error rows, "
+            f"planned {shard.num_rows}, marker says {marker.get('rows_out')}"
+        )
     _check_values(plan, table, where)
     report.rows_out += table.num_rows
     report.rows_error += len(errors)

@@ -1,0 +1,61 @@
+"""The core never imports prefect: it runs (and plans) without an orchestrator, in a fresh interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import ROOT
+from tests.core_helpers import GOOD_MODEL, write_features
+
+IMPORT_ALL = """
+import importlib, json, pkgutil, sys
+import batchinfer
+names = ["batchinfer"] + sorted(m.name for m in pkgutil.walk_packages(batchinfer.__path__, "batchinfer."))
+for name in names:
+    importlib.import_module(name)
+core = sorted(m for m in sys.modules if m.split(".")[0] == "prefect")
+import tasks.shards
+wrappers = sorted(m for m in sys.modules if m.split(".")[0] == "prefect")
+print(json.dumps({"modules": names, "core": core, "wrappers": wrappers}))
+"""
+
+PLAN = """
+import json, sys
+from batchinfer.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "prefect": sorted(m for m in sys.modules if m.split(".")[0] == "prefect")}))
+"""
+
+
+def python(code: str, *args: str) -> tuple[dict, str]:
+    """Run code in a fresh interpreter at the repository root; return the JSON it prints last, and all it printed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stdout
+
+
+def test_importing_every_core_module_leaves_prefect_unloaded() -> None:
+    """Every module under batchinfer/ imports without prefect; tasks/ does load it, so the check can see it."""
+    found, _ = python(IMPORT_ALL)
+    for name in ("pipeline", "merge", "runner", "cli", "planning", "storage", "models.mlp", "models.exported"):
+        assert f"batchinfer.{name}" in found["modules"]
+    assert found["core"] == []
+    assert "prefect" in found["wrappers"]
+
+
+def test_plan_command_runs_without_prefect(tmp_path: Path) -> None:
+    """`batchinfer plan` reads footers and prints shards; the flows are imported only by commands that run them."""
+    write_features(tmp_path / "data" / "part-00000.parquet", np.arange(300), 100)
+    args = ["plan", "--input", str(tmp_path / "data"), "--model", GOOD_MODEL, "--shard-rows", "100"]
+    found, printed = python(PLAN, *args)
+    assert found == {"code": 0, "prefect": []}
+    assert "1 partitions, 3 shards, 300 rows" in printed

@@ -1,0 +1,172 @@
+"""Merge-and-validate refuses a bad result: a lost key, a repeated key, a NaN prediction, a model emitting NaN.
+
+Each failure names the shard and the check, the merged predictions are not
+committed, `_SUCCESS` is not written, and the flow ends Failed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchinfer.cli import RunFailed
+from batchinfer.config import make_config
+from batchinfer.errors import BatchInferError, ShardFailedError
+from batchinfer.layout import Layout
+from batchinfer.merge import RunReport, merge_and_validate
+from batchinfer.pipeline import Plan, prepare, run_shard
+from batchinfer.planning import Shard
+from tests.conftest import run_job
+from tests.core_helpers import GOOD_MODEL, prepare_started, score_pending, write_features
+from tests.models_for_validation import NAN_KEY
+
+NAN_MODEL = "tests.models_for_validation:nan_for_one_key"
+ROWS_PER_PARTITION = 400
+TAMPERED_ROW = 5
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """Two partitions of 400 rows in row groups of 100: four shards at shard_rows=200."""
+    for p in range(2):
+        ids = np.arange(p * ROWS_PER_PARTITION, (p + 1) * ROWS_PER_PARTITION)
+        write_features(tmp_path / "data" / f"part-{p:05d}.parquet", ids, 100)
+    return tmp_path / "data"
+
+
+def job(data: Path, output: Path, model: str = GOOD_MODEL, shard_rows: int = 200) -> dict:
+    """Four shards by default; the flow tests use two (fewer tasks, same checks)."""
+    return {
+        "input_uri": str(data),
+        "output_uri": str(output),
+        "model": model,
+        "shard_rows": shard_rows,
+        "devices": "cpu",
+    }
+
+
+def drop_row(table: pa.Table) -> pa.Table:
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[TAMPERED_ROW] = False
+    return table.filter(pa.array(keep))
+
+
+def duplicate_row(table: pa.Table) -> pa.Table:
+    return pa.concat_tables([table, table.slice(TAMPERED_ROW, 1)])
+
+
+def nan_probability(table: pa.Table) -> pa.Table:
+    values = table.column("probabilities").to_pylist()
+    values[TAMPERED_ROW][0] = float("nan")
+    column = pa.array(values, type=pa.list_(pa.float32()))
+    return table.set_column(table.schema.get_field_index("probabilities"), "probabilities", column)
+
+
+def tamper(output: Path, shard_id: str, change: Callable[[pa.Table], pa.Table]) -> object:
+    """Rewrite a committed shard file in place; return the key of the tampered row."""
+    path = Path(Layout(str(output)).shard(shard_id))
+    table = pq.read_table(path)
+    key = table.column("id")[TAMPERED_ROW].as_py()
+    pq.write_table(change(table), path)
+    return key
+
+
+def assert_refused(output: Path, report: RunReport, shard_id: str, expected: str) -> None:
+    """Failed with a line naming the shard and the check, and nothing that looks like a finished result."""
+    assert not report.ok
+    assert shard_id in report.first_failure and expected in report.first_failure, report.first_failure
+    assert not (output / "_SUCCESS").exists()
+    assert not list((output / "predictions").glob("*.parquet"))
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["state"] in ("invalid", "failed") and not manifest["validation"]["ok"]
+    assert manifest["validation"]["failures"][0] == report.first_failure
+
+
+def scored(data: Path, output: Path) -> Plan:
+    plan = prepare_started(**job(data, output))
+    score_pending(plan)
+    return plan
+
+
+def test_untampered_shards_validate(data: Path, tmp_path: Path) -> None:
+    """The baseline the tampering tests start from passes, so their failures come from the tampering."""
+    output = tmp_path / "out"
+    report = merge_and_validate(scored(data, output))
+    assert report.ok and report.rows_out == 2 * ROWS_PER_PARTITION
+    assert (output / "_SUCCESS").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (drop_row, "keys check failed: key {key!r} is missing"),
+        (duplicate_row, "keys check failed: key {key!r} appears twice"),
+        (nan_probability, "finite check failed: key {key!r} has NaN/inf"),
+    ],
+    ids=["missing-key", "duplicated-key", "nan-prediction"],
+)
+def test_tampered_shard_fails_validation(
+    data: Path, tmp_path: Path, change: Callable[[pa.Table], pa.Table], expected: str
+) -> None:
+    output = tmp_path / "out"
+    plan = scored(data, output)
+    victim = plan.shards[2].shard_id
+    key = tamper(output, victim, change)
+    assert_refused(output, merge_and_validate(plan), victim, expected.format(key=key))
+
+
+def nan_shard(plan: Plan) -> Shard:
+    """The shard holding the row the NaN model spoils (keys start at 0 in the first partition)."""
+    return next(s for s in plan.shards if s.partition_index == 0 and s.row_start <= NAN_KEY < s.row_start + s.num_rows)
+
+
+def test_model_emitting_nan_fails_its_shard(data: Path, tmp_path: Path) -> None:
+    """A NaN from the model is deterministic: the shard fails at once, commits nothing, and the run fails."""
+    output = tmp_path / "out"
+    plan = prepare_started(**job(data, output, NAN_MODEL))
+    victim = nan_shard(plan)
+    with pytest.raises(ShardFailedError, match=rf"shard {victim.shard_id}: .*NaN.*first key {NAN_KEY}"):
+        run_shard(plan.config, plan.settings, victim)
+    layout = Layout(str(output))
+    assert not Path(layout.marker(victim.shard_id)).exists()
+    assert not Path(layout.shard(victim.shard_id)).exists()
+    results = {s.shard_id: run_shard(plan.config, plan.settings, s).to_dict() for s in plan.shards if s != victim}
+    assert_refused(output, merge_and_validate(plan, results), victim.shard_id, "no marker")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_fails_when_the_model_emits_nan(data: Path, tmp_path: Path) -> None:
+    """Through Prefect the failed shard does not stop the others, but the run ends Failed, naming it."""
+    output = tmp_path / "out"
+    victim = nan_shard(prepare(make_config(**job(data, output, NAN_MODEL, shard_rows=400)))).shard_id
+    with pytest.raises((RunFailed, BatchInferError)) as failure:
+        run_job(**job(data, output, NAN_MODEL, shard_rows=400))
+    assert victim in str(failure.value) and "NaN" in str(failure.value)
+    assert not (output / "_SUCCESS").exists()
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["state"] == "failed"
+    assert {s["shard_id"]: s["state"] for s in manifest["shards"]}[victim] == "failed"
+    assert sorted(p.stem for p in (output / "markers").glob("*.json")) == sorted(
+        s["shard_id"] for s in manifest["shards"] if s["shard_id"] != victim
+    )
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_rerun_fails_on_a_tampered_shard(data: Path, tmp_path: Path) -> None:
+    """A rerun skips shards with markers but still validates them: a damaged committed shard fails the run."""
+    output = tmp_path / "out"
+    report = run_job(**job(data, output, shard_rows=400))
+    assert report["ok"] and (output / "_SUCCESS").exists()
+    manifest = json.loads((output / "manifest.json").read_text())
+    victim = manifest["shards"][1]["shard_id"]
+    key = tamper(output, victim, duplicate_row)
+    with pytest.raises((RunFailed, BatchInferError)) as failure:
+        run_job(**job(data, output, shard_rows=400))
+    assert victim in str(failure.value) and f"keys check failed: key {key!r} appears twice" in str(failure.value)
+    assert not (output / "_SUCCESS").exists()
