@@ -5,9 +5,13 @@ At most N shards run at once (N = devices): a bounded task runner inside the
 run, and the Prefect concurrency limit of the `gpu` tag across runs.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: `serve` hands the flow function to each run's process by
+# value (cloudpickle), where string annotations such as "InputParams" cannot be resolved and every
+# run would fail parameter validation.
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -28,6 +32,25 @@ from flows.params import ComputeParams, InputParams, ModelParams, OutputParams, 
 from tasks.shards import GPU_TAG, infer_shard, merge_run, plan_run
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def core_logs_in_run_log() -> Iterator[None]:
+    """Let the core's INFO lines reach the run's log in the UI while the flow runs.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS=batchinfer gives the `batchinfer` logger Prefect's API handler
+    but leaves its level unset, so INFO records would stop at the root logger's WARNING. Take the
+    level Prefect gives its own extra loggers (PREFECT_LOGGING_LEVEL), and put the old one back
+    afterwards: outside a run the API handler has nowhere to send them.
+    """
+    core = logging.getLogger("batchinfer")
+    previous = core.level
+    if previous == logging.NOTSET and core.handlers:
+        core.setLevel(logging.getLogger("prefect.extra").level or logging.INFO)
+    try:
+        yield
+    finally:
+        core.setLevel(previous)
 
 
 def set_concurrency_limit(tag: str, limit: int) -> None:
@@ -55,16 +78,27 @@ def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
         futures = {runner.submit(task, {"config": config, "settings": plan.settings, "shard": s}): s for s in pending}
         for future in as_completed(list(futures)):
             shard = futures[future]
+            future.wait()  # sets the final state from the future itself; the API's copy can lag behind
             state = future.state
             if state.is_completed():
                 results[shard.shard_id] = future.result()
             else:
-                exc = state.result(raise_on_failure=False)
-                reason = str(exc) if isinstance(exc, BaseException) else (state.message or state.name)
+                reason = failure_reason(state)
                 results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
                 logger.error("shard %s failed: %s", shard.shard_id, reason)
             update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
     return results
+
+
+def failure_reason(state: Any) -> str:
+    """Our one-line message from a failed task state, without Prefect's "Task run encountered..." wrapper."""
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, BaseException) and str(exc).strip():
+        return str(exc)
+    message = str(state.message or state.name)
+    _, found, rest = message.partition("encountered an exception ")
+    name, colon, text = rest.partition(": ")
+    return text if found and colon and name.isidentifier() else message
 
 
 def _percent(plan: Plan, results: dict[str, dict[str, Any]]) -> float:
@@ -114,7 +148,7 @@ def batch_inference(
     input: InputParams,
     model: ModelParams,
     output: OutputParams,
-    compute: ComputeParams | None = None,
+    compute: ComputeParams = ComputeParams(),  # an object default: the UI form shows each field's default
 ) -> dict[str, Any]:
     """Score every row of a Parquet dataset with a PyTorch model, one shard per device at a time.
 
@@ -124,24 +158,25 @@ def batch_inference(
         output: Where the results go and what counts as success.
         compute: Devices, batch size and shard size.
     """
-    config = to_config(input, model, output, compute or ComputeParams())
-    logger = get_run_logger()
-    plan = plan_run(config)
-    set_concurrency_limit(config.concurrency_tag, len(plan.devices))
-    logger.info(
-        "%d partitions, %d shards (%d already done), %d rows, %d device(s): %s",
-        len(plan.partitions),
-        len(plan.shards),
-        len(plan.done),
-        plan.total_rows,
-        len(plan.devices),
-        ", ".join(d.name for d in plan.devices),
-    )
+    with core_logs_in_run_log():
+        config = to_config(input, model, output, compute)
+        logger = get_run_logger()
+        plan = plan_run(config)
+        set_concurrency_limit(config.concurrency_tag, len(plan.devices))
+        logger.info(
+            "%d partitions, %d shards (%d already done), %d rows, %d device(s): %s",
+            len(plan.partitions),
+            len(plan.shards),
+            len(plan.done),
+            plan.total_rows,
+            len(plan.devices),
+            ", ".join(d.name for d in plan.devices),
+        )
 
-    start_run(plan)
-    results = run_shards(plan)
-    report = merge_run(plan, results)
-    publish(plan, results, report)
-    if not report.ok:
-        return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]
-    return report.to_dict()
+        start_run(plan)
+        results = run_shards(plan)
+        report = merge_run(plan, results)
+        publish(plan, results, report)
+        if not report.ok:
+            return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]
+        return report.to_dict()
