@@ -8,11 +8,13 @@ Errors are one line on stderr; `--verbose` shows Prefect's logs and tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from batchinfer.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS, PRECISIONS, RunConfig, make_config
@@ -50,7 +52,10 @@ def _add_job_arguments(parser: argparse.ArgumentParser, *, output: bool = True) 
     parser.add_argument("--text-column", help="text column for text models")
     parser.add_argument("--passthrough", help="comma-separated columns copied to the output")
     parser.add_argument(
-        "--batch-size", type=_int("--batch-size"), default=DEFAULT_BATCH_SIZE, help="rows per forward pass"
+        "--batch-size",
+        type=_int("--batch-size", auto=True),
+        default=DEFAULT_BATCH_SIZE,
+        help="rows per forward pass, or 'auto' (the largest that fits on each GPU; the measured best on the CPU)",
     )
     parser.add_argument(
         "--shard-rows", type=_int("--shard-rows"), default=DEFAULT_SHARD_ROWS, help="target rows per shard"
@@ -62,12 +67,23 @@ def _add_job_arguments(parser: argparse.ArgumentParser, *, output: bool = True) 
     parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and tracebacks")
 
 
-def _int(flag: str) -> Callable[[str], int]:
+class _Auto(int):
+    """0 spelt 'auto' on the command line: the config's "auto", told apart from a literal 0 (refused)."""
+
+    def __repr__(self) -> str:
+        return "'auto'"
+
+
+def _int(flag: str, *, auto: bool = False) -> Callable[[str], int]:
+    """A whole-number parser; with `auto`, the word 'auto' is accepted and becomes 0 (the config's "auto")."""
+
     def parse(text: str) -> int:
+        if auto and text.strip().lower() == "auto":
+            return _Auto(0)
         try:
             return int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a whole number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
     return parse
 
@@ -77,7 +93,7 @@ def _float(flag: str) -> Callable[[str], float]:
         try:
             return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
     return parse
 
@@ -121,14 +137,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--devices", default="auto")
     demo.add_argument("--verbose", "-v", action="store_true")
 
-    serve = sub.add_parser("serve", help="serve the flow as a deployment (Prefect's serve), optionally on a cron")
-    serve.add_argument("--name", default="batchinfer")
+    serve = sub.add_parser(
+        "serve",
+        help="serve the flow as a deployment (Prefect's serve): runs come from the UI, the API or a cron schedule",
+    )
+    serve.add_argument("--name", default="batchinfer", help="deployment name (default: batchinfer)")
     serve.add_argument("--cron", default=None, help="cron schedule, e.g. '0 2 * * *'")
+    serve.add_argument("--timezone", default="UTC", help="time zone of --cron (default: UTC)")
+    serve.add_argument(
+        "--params",
+        default="",
+        help='default parameters as JSON, grouped like the UI form: {"input": {"uri": ...}, "model": {...}, '
+        '"compute": {...}, "output": {...}}',
+    )
+    serve.add_argument("--input", help="default input URI (sets input.uri)")
+    serve.add_argument("--output", help="default output URI (sets output.uri)")
+    serve.add_argument("--model", help="default model (sets model.model)")
+    serve.add_argument("--checkpoint", help="default checkpoint (sets model.checkpoint)")
+    serve.add_argument("--limit", type=_int("--limit"), default=None, help="most flow runs at once (default: no limit)")
     serve.add_argument("--verbose", "-v", action="store_true")
     return parser
 
 
 def config_from_args(args: argparse.Namespace, *, output: str | None = None) -> RunConfig:
+    # The config reads batch size 0 as "auto"; on the command line that is spelt 'auto', and a literal 0 is a mistake.
+    if args.batch_size < 1 and not isinstance(args.batch_size, _Auto):
+        raise ConfigError(f"--batch-size: must be a positive number of rows (got {args.batch_size})")
     return make_config(
         input_uri=args.input,
         output_uri=output or getattr(args, "output", None) or "-",
@@ -156,15 +190,13 @@ def config_from_args(args: argparse.Namespace, *, output: str | None = None) -> 
 
 def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | None = None) -> dict[str, Any]:
     """Check what can be checked without Prefect, then run the flow in this process."""
-    from batchinfer.pipeline import prepare
-
-    prepare(config, check_existing=False)  # bad input fails here, before a server starts
+    check_up_front(config)  # bad input fails here, before a server starts
     quiet_prefect(verbose)
     from flows.batch_inference import batch_inference
     from flows.params import from_config
 
     started = time.perf_counter()
-    with _progress_bar(show_progress):
+    with _progress_bar(show_progress), _quiet_console(verbose):
         state = batch_inference(**from_config(config), return_state=True)
     seconds = time.perf_counter() - started
     if state.is_completed():
@@ -178,6 +210,43 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
     if isinstance(exc, BaseException) and not str(message).strip():
         message = f"{type(exc).__name__}: {exc}"
     raise RunFailed(str(message).strip().splitlines()[0] if message else "the run failed")
+
+
+def check_up_front(config: RunConfig) -> None:
+    """Everything a run can reject without scoring: parameters, files, schemas, keys, the model, the output."""
+    from batchinfer.pipeline import check_keys, check_output, prepare
+    from batchinfer.storage import Storage
+
+    plan = prepare(config, check_existing=False)
+    check_keys(Storage(config.input_uri, config.storage_options), plan.partitions, config.key_column)
+    out = Storage(config.output_uri, config.storage_options)
+    out.require_bucket(config.output_uri, "--output")
+    if not config.overwrite:  # with --overwrite the flow replaces the old run; nothing is removed here
+        check_output(out, config, plan.settings.model_fingerprint)
+
+
+@contextlib.contextmanager
+def _quiet_console(verbose: bool) -> Iterator[None]:
+    """Without --verbose, Prefect's console handlers stay silent during the run: stderr is ours, one line.
+
+    Settings made before `import prefect` cannot do this once Prefect is already imported (a
+    test session, a notebook), so the handlers themselves are raised for the run and restored.
+    """
+    if verbose:
+        yield
+        return
+    raised: dict[int, tuple[logging.Handler, int]] = {}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and type(handler).__module__.startswith("prefect."):
+                raised.setdefault(id(handler), (handler, handler.level))
+                handler.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for handler, level in raised.values():
+            handler.setLevel(level)
 
 
 class RunFailed(Exception):
@@ -374,11 +443,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def serve_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The deployment's default parameters from --params and the shortcuts, each group checked up front.
+
+    A run that changes one field of a group sends the whole group (the UI form does), so every group
+    given here must be complete on its own.
+    """
+    from pydantic import ValidationError
+
+    from flows.params import ComputeParams, InputParams, ModelParams, OutputParams
+
+    groups = {"input": InputParams, "model": ModelParams, "compute": ComputeParams, "output": OutputParams}
+    try:
+        params = json.loads(args.params) if args.params.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--params is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError('--params must be a JSON object of groups, e.g. \'{"model": {"model": "mlp"}}\'')
+    unknown = sorted(set(params) - set(groups))
+    if unknown:
+        raise ConfigError(f"--params: unknown group {unknown[0]!r} (use {', '.join(groups)})")
+    shortcuts = [("input", "uri", args.input), ("output", "uri", args.output)]
+    shortcuts += [("model", "model", args.model), ("model", "checkpoint", args.checkpoint)]
+    for group, field, value in shortcuts:
+        if value is not None:
+            params.setdefault(group, {})[field] = value
+    for group, values in params.items():
+        try:
+            params[group] = groups[group].model_validate(values).model_dump(mode="json", exclude_unset=True)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in (group, *error["loc"]))
+            raise ConfigError(f"--params: {where}: {error['msg']}") from None
+    return params
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    """Register the deployment and run its flow runs in subprocesses until interrupted."""
+    parameters = serve_parameters(args)
+    missing = [group for group in ("input", "model", "output") if group not in parameters]
+    if args.cron and missing:
+        # Scheduled runs get only the deployment's defaults: without these groups each would fail.
+        raise ConfigError(f"--cron needs default {', '.join(missing)} (--input, --model, --output or --params)")
     quiet_prefect(args.verbose)
+    from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
+
     from flows.batch_inference import batch_inference
 
-    batch_inference.serve(name=args.name, cron=args.cron)
+    if args.cron:
+        try:
+            schedules = [Cron(args.cron, timezone=args.timezone)]
+        except ValueError as exc:
+            raise ConfigError(f"--cron {args.cron!r} / --timezone {args.timezone!r}: {exc}") from None
+    else:
+        schedules = None
+    batch_inference.serve(
+        name=args.name,
+        schedules=schedules,
+        parameters=parameters,
+        limit=args.limit,
+        enforce_parameter_schema=True,
+        # The installed package, not a file path: flow runs start the same from any directory.
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
     return EXIT_OK
 
 
@@ -419,7 +547,7 @@ def _fail(line: str, verbose: bool) -> None:
         import traceback
 
         traceback.print_exc()
-    print(line, file=sys.stderr)
+    print(" ".join(line.split()), file=sys.stderr)  # always one line, whatever a library put in the message
 
 
 if __name__ == "__main__":

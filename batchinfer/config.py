@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -43,7 +44,9 @@ class RunConfig(BaseModel):
     text_column: str | None = Field(default=None, description="Text column for text models such as 'minilm'.")
     passthrough: list[str] = Field(default_factory=list, description="Input columns copied to the output as they are.")
     batch_size: int = Field(
-        default=DEFAULT_BATCH_SIZE, description="Rows per forward pass (0 = find the largest that fits)."
+        default=DEFAULT_BATCH_SIZE,
+        description="Rows per forward pass; 0 = auto: the largest that fits on each GPU (halving on out-of-memory, "
+        "remembered per device), the measured best on the CPU.",
     )
     shard_rows: int = Field(default=DEFAULT_SHARD_ROWS, description="Target rows per shard (whole row groups).")
     devices: str = Field(default="auto", description="'auto', a count, 'cpu', or a list such as 'cuda:0,cuda:2'.")
@@ -156,6 +159,54 @@ def redact(value: Any) -> Any:
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
+
+
+# Credentials handed to an orchestrator are swapped for placeholders that only this process can
+# swap back, so flow-run parameters stored by the server (and shown in its UI) never hold them.
+_HELD_PREFIX = "***held:"
+_held: dict[str, Any] = {}
+_held_tokens: dict[str, str] = {}
+
+
+def hold_secrets(value: Any) -> Any:
+    """A copy with every credential-like value replaced by a placeholder held in this process."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if is_secret_key(str(k)) and v is not None and not _is_placeholder(v):
+                blob = json.dumps(v, sort_keys=True)
+                token = _held_tokens.get(blob)
+                if token is None:
+                    token = f"{_HELD_PREFIX}{secrets.token_hex(8)}"
+                    _held_tokens[blob], _held[token] = token, v
+                out[k] = token
+            else:
+                out[k] = hold_secrets(v)
+        return out
+    if isinstance(value, list):
+        return [hold_secrets(v) for v in value]
+    return value
+
+
+def release_secrets(value: Any) -> Any:
+    """Undo `hold_secrets`. A placeholder this process does not hold (or a redacted "***") is dropped,
+    so the filesystem falls back to the credentials of the environment it runs in."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if _is_placeholder(v):
+                if v in _held:
+                    out[k] = _held[v]
+                continue
+            out[k] = release_secrets(v)
+        return out
+    if isinstance(value, list):
+        return [release_secrets(v) for v in value]
+    return value
+
+
+def _is_placeholder(value: Any) -> bool:
+    return isinstance(value, str) and (value == "***" or value.startswith(_HELD_PREFIX))
 
 
 def make_config(**kwargs: Any) -> RunConfig:

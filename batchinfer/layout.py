@@ -13,8 +13,9 @@ _SHARD_ID = re.compile(r"^[0-9a-f]{16}$")
 
 def check_shard_id(shard_id: str) -> str:
     """Shard ids are 16 hex digits: they can never name a path outside the output prefix."""
-    if not _SHARD_ID.match(shard_id):
-        raise ConfigError(f"invalid shard id {shard_id!r}")
+    # fullmatch: `$` alone would let a trailing newline through.
+    if not isinstance(shard_id, str) or not _SHARD_ID.fullmatch(shard_id):
+        raise ConfigError(f"invalid shard id {shard_id!r}: expected 16 hexadecimal digits")
     return shard_id
 
 

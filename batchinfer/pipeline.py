@@ -30,7 +30,15 @@ from batchinfer.errors import (
 )
 from batchinfer.layout import Layout
 from batchinfer.models.base import ModelSpec, digest, resolve_model
-from batchinfer.planning import Partition, Shard, check_schemas, list_partitions, plan_shards, resolve_columns
+from batchinfer.planning import (
+    Partition,
+    Shard,
+    array_width,
+    check_schemas,
+    list_partitions,
+    plan_shards,
+    resolve_columns,
+)
 from batchinfer.runner import ShardSettings, ShardStats, is_done, read_marker, score_shard
 from batchinfer.storage import Storage
 
@@ -121,6 +129,15 @@ def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tupl
         raise ConfigError(f"--model {config.model} reads numeric features, not text: give --features")
     if config.features:
         names = resolve_columns(config.features, first)
+        width = array_width(first.schema.get(names[0], "")) if len(names) == 1 else None
+        if width:  # all features in one fixed-size-list column, in the model's order
+            if spec.feature_names and width != len(spec.feature_names):
+                raise ModelError(
+                    f"the model takes {len(spec.feature_names)} features but column {names[0]!r} holds {width} per row"
+                )
+            if spec.accepts:
+                spec.accepts(width)
+            return names, None
         if spec.feature_names and list(spec.feature_names) != names:
             if len(names) != len(spec.feature_names):
                 raise ModelError(
@@ -130,6 +147,8 @@ def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tupl
                 missing = next(n for n in spec.feature_names if n not in names)
                 raise SchemaError(f"--features does not include {missing!r}, which the model expects")
             names = list(spec.feature_names)  # matched by name: the checkpoint's order wins
+        if spec.accepts:
+            spec.accepts(len(names))
         return names, None
     if spec.feature_names:
         return list(spec.feature_names), None
@@ -241,7 +260,7 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
         features=tuple(features),
         text_column=text_column,
         passthrough=tuple(config.passthrough),
-        batch_size=config.batch_size or 1024,
+        batch_size=config.batch_size,  # 0 = auto: the runner picks per device (runner.batch_size_for)
         max_error_ratio=config.max_error_ratio,
         model_fingerprint=model_fingerprint,
         output_fingerprint=config.output_fingerprint(),

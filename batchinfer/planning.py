@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,6 +145,15 @@ def resolve_columns(patterns: list[str], partition: Partition, what: str = "feat
 
 
 _NUMERIC_PREFIXES = ("int", "uint", "float", "double", "halffloat", "decimal", "bool")
+_ARRAY = re.compile(r"^fixed_size_list<[^:>]*: (\w+)(?: not null)?>\[(\d+)\]$")
+
+
+def array_width(dtype: str) -> int | None:
+    """The width of a fixed-size list of numbers (all features in one column), else None."""
+    match = _ARRAY.match(dtype)
+    if match and match.group(1).startswith(_NUMERIC_PREFIXES):
+        return int(match.group(2))
+    return None
 _TEXT_TYPES = ("string", "large_string", "string_view")
 
 
@@ -171,7 +181,7 @@ def check_schemas(
             reference.setdefault(column, (dtype, part.uri))
     for column in features:
         dtype, uri = reference[column]
-        if not dtype.startswith(_NUMERIC_PREFIXES):
+        if not dtype.startswith(_NUMERIC_PREFIXES) and not (len(features) == 1 and array_width(dtype)):
             raise SchemaError(f"feature column {column!r} has type {dtype} in {uri}; expected a number", uri=uri)
     if text_column:
         dtype, uri = reference[text_column]

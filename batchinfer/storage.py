@@ -67,11 +67,36 @@ def storage_error(exc: BaseException, uri: str, action: str) -> StorageError | I
     if isinstance(exc, FileNotFoundError):
         text = str(exc).lower()
         if "bucket" in text:
-            return StorageError(f"{action} {uri} failed: the bucket does not exist", uri=uri)
+            return StorageError(f"{action} {uri} failed: the bucket {_bucket(uri)!r} does not exist", uri=uri)
         return InputError(f"{uri} does not exist", uri=uri)
     if isinstance(exc, PermissionError):
-        return StorageError(f"{action} {uri} failed: access denied (check the credentials and permissions)", uri=uri)
+        return StorageError(f"{action} {uri} failed: {_denied_reason(exc)}", uri=uri)
     return StorageError(f"{action} {uri} failed: {_short(exc)}", uri=uri)
+
+
+# S3 error codes that say the credentials themselves are wrong, not merely short of a permission.
+_CREDENTIAL_CODES = (
+    ("invalidaccesskeyid", "the access key id is not known to the server (check the credentials)"),
+    ("does not exist in our records", "the access key id is not known to the server (check the credentials)"),
+    ("signaturedoesnotmatch", "the secret key does not match the access key id (check the credentials)"),
+    ("expiredtoken", "the session token has expired (refresh the credentials)"),
+    ("invalidtoken", "the session token is not valid (check the credentials)"),
+)
+
+
+def _denied_reason(exc: BaseException) -> str:
+    """Why storage said no, from the error code alone (messages may quote request details)."""
+    text = f"{exc} {exc.__cause__!r}".lower()
+    for code, reason in _CREDENTIAL_CODES:
+        if code in text:
+            return reason
+    if "accessdenied" in text or "access denied" in text:
+        return "access denied (the credentials lack permission for it)"
+    return "access denied (check the credentials and permissions)"
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[-1].split("/", 1)[0]
 
 
 def _short(exc: BaseException) -> str:
@@ -122,6 +147,22 @@ class Storage:
         except Exception as exc:  # noqa: BLE001 - translated below
             raise storage_error(exc, uri, "checking") from exc
 
+    def require_bucket(self, uri: str, what: str) -> None:
+        """On object stores, fail with a clear line when the URI's bucket does not exist.
+
+        Only "not found" counts: a 403 on the bucket itself is left to the real
+        reads and writes, since credentials limited to a prefix may not see it.
+        """
+        if self.is_local:
+            return
+        bucket = _bucket(uri)
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            raise StorageError(f"{what} {uri}: the bucket {bucket!r} does not exist", uri=uri) from None
+        except Exception as exc:  # noqa: BLE001 - anything else is reported by the operation itself
+            log.debug("could not check the bucket of %s: %s", uri, type(exc).__name__)
+
     def invalidate(self, uri: str | None = None) -> None:
         """Drop cached listings (s3fs caches them; other writers may have changed the store)."""
         self.fs.invalidate_cache(self.path(uri) if uri else None)
@@ -153,8 +194,9 @@ class Storage:
             elif self.fs.isdir(path):
                 found = self.fs.find(path, detail=True)
             else:
+                self.require_bucket(uri, "input")
                 raise InputError(f"input {uri} does not exist", uri=uri)
-        except InputError:
+        except (InputError, StorageError):
             raise
         except Exception as exc:  # noqa: BLE001
             raise storage_error(exc, uri, "listing") from exc

@@ -46,6 +46,8 @@ class ModelSpec:
     feature_names: tuple[str, ...] | None = None
     loader: Callable[[torch.device], Predictor] = field(compare=False, repr=False, default=None)  # type: ignore[assignment]
     describe: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Raises ModelError when the model cannot take `n` feature columns (checked once the columns are resolved).
+    accepts: Callable[[int], None] | None = field(compare=False, repr=False, default=None)
 
     def load(self, device: torch.device) -> Predictor:
         try:

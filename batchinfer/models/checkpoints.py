@@ -55,7 +55,18 @@ def _load_pickle_weights_only(data: bytes, uri: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"checkpoint {uri} could not be loaded with weights_only=True: {exc}", uri=uri) from None
+        raise ModelError(
+            f"checkpoint {uri} could not be loaded with weights_only=True: {_unpickler_reason(exc)}", uri=uri
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"checkpoint {uri} does not hold a flat dict of tensors", uri=uri)
     return state
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """torch's refusal is a page of advice; keep the line that says what was refused."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0].rstrip(".")
+    return lines[0][:300] if lines else type(exc).__name__

@@ -8,6 +8,7 @@ arbitrary Python objects. The feature names come from `--features`.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -54,7 +55,12 @@ def resolve(uri: str, *, precision: str, features: list[str] | None, storage_opt
         raise ModelError(f"--precision int8 applies to built-in models only, not to the exported model {uri}")
     data = read_checkpoint_bytes(uri, storage_options)
     probe = _load_module(data, uri, torch.device("cpu"))
-    width = _probe_width(probe, uri, len(features))
+    # --features may hold globs: the probe runs once the columns are resolved (ModelSpec.accepts).
+    widths: dict[int, int] = {}
+
+    def accepts(n_features: int) -> None:
+        if n_features not in widths:
+            widths[n_features] = _probe_width(probe, uri, n_features)
 
     def load(device: torch.device) -> ExportedPredictor:
         return ExportedPredictor(_load_module(data, uri, device), precision, device)
@@ -66,23 +72,37 @@ def resolve(uri: str, *, precision: str, features: list[str] | None, storage_opt
         fingerprint=digest("exported", data, precision),
         feature_names=None,
         loader=load,
-        describe={"file": uri, "classes": width, "precision": precision},
+        describe={"file": uri, "precision": precision},
+        accepts=accepts,
     )
 
 
 def _probe_width(module: Any, uri: str, n_features: int) -> int:
-    """Run two zero rows through the model to check it accepts the declared features."""
-    try:
-        with torch.inference_mode():
-            out = module(torch.zeros(2, n_features))
-    except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"{uri} does not accept a [rows, {n_features}] float32 input as --features declares ({first})", uri=uri
-        ) from None
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"{uri} returns {shape} for 2 rows; expected [rows, classes] logits", uri=uri)
-    return int(out.shape[1])
+    """Run zero rows through the model to check it accepts the declared features.
+
+    Two batch sizes, so a program exported with a fixed batch size is caught here, not mid-run.
+    """
+    widths = set()
+    for rows in (2, 3):
+        try:
+            with torch.inference_mode():
+                out = module(torch.zeros(rows, n_features))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(
+                f"{uri} does not accept a [rows, {n_features}] float32 input as --features declares ({_reason(exc)})",
+                uri=uri,
+            ) from None
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != rows:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelError(f"{uri} returns {shape} for {rows} rows; expected [rows, classes] logits", uri=uri)
+        widths.add(int(out.shape[1]))
+    return widths.pop()
+
+
+def _reason(exc: BaseException) -> str:
+    """The line that says what failed: TorchScript puts its own traceback before the error itself."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
+    return (errors[-1] if errors else lines[0] if lines else type(exc).__name__)[:200]

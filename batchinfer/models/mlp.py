@@ -68,6 +68,8 @@ def build(tensors: dict[str, torch.Tensor], uri: str) -> MLP:
 
 
 class MLPPredictor:
+    accepts_strided = True  # nn.Linear reads a column-major batch as it is, without a copy
+
     def __init__(self, model: nn.Module, precision: str, device: torch.device):
         self.model = model
         self.runner = Precisioned(precision, device)
@@ -90,6 +92,14 @@ def resolve(checkpoint: str | None, *, precision: str, storage_options: dict[str
         module = quantize_if_asked(build(tensors, checkpoint), precision, device)
         return MLPPredictor(module.to(device) if precision != "int8" else module, precision, device)
 
+    def accepts(n_features: int) -> None:
+        if n_features != sizes[0]:
+            raise ModelError(
+                f"checkpoint {checkpoint} takes {sizes[0]} features (layers.0.weight is "
+                f"[{sizes[1]}, {sizes[0]}]) but {n_features} feature columns were given (shape mismatch)",
+                uri=checkpoint,
+            )
+
     return ModelSpec(
         name="mlp",
         input_kind="features",
@@ -98,6 +108,7 @@ def resolve(checkpoint: str | None, *, precision: str, storage_options: dict[str
         feature_names=names,
         loader=load,
         describe={"checkpoint": checkpoint, "layers": sizes, "precision": precision},
+        accepts=accepts,
     )
 
 
