@@ -115,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--min-success-ratio", type=_float("--min-success-ratio"), default=1.0)
     run.add_argument("--max-error-ratio", type=_float("--max-error-ratio"), default=0.0)
     run.add_argument("--overwrite", action="store_true", help="replace an output holding another configuration")
-    run.add_argument("--concurrency-tag", default="gpu", help="Prefect tag limited to the device count")
+    run.add_argument(
+        "--concurrency-tag",
+        default="gpu",
+        help="tag of the inference task and name of the Prefect global concurrency limit set to the device count",
+    )
 
     plan = sub.add_parser("plan", help="print partitions and shards without running anything")
     _add_job_arguments(plan, output=False)
@@ -304,13 +308,18 @@ class _progress_bar:
 
 
 def summarize(report: dict[str, Any]) -> str:
-    seconds = report.get("wall_seconds") or report.get("seconds") or 0
+    """One line per run; rows/s counts the flow's own time, Prefect's server start-up is shown apart."""
+    seconds = report.get("flow_seconds") or report.get("wall_seconds") or report.get("seconds") or 0
     rate = report.get("rows", 0) / seconds if seconds else 0
     state = "passed" if report.get("ok") else "FAILED"
+    startup = ""
+    if report.get("flow_seconds") and report.get("wall_seconds"):
+        startup = f" (+{max(report['wall_seconds'] - report['flow_seconds'], 0):.1f} s starting Prefect)"
     return (
         f"{report.get('rows', 0):,} rows ({report.get('rows_out', 0):,} scored, {report.get('rows_error', 0):,} errors) "
         f"in {report.get('shards', 0)} shards ({report.get('shards_run', 0)} run, {report.get('shards_skipped', 0)} "
-        f"already done), {seconds:.1f} s, {rate:,.0f} rows/s; validation {state}; output: {report.get('output_uri')}"
+        f"already done), {seconds:.1f} s{startup}, {rate:,.0f} rows/s; validation {state}; "
+        f"output: {report.get('output_uri')}"
     )
 
 

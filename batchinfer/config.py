@@ -19,6 +19,8 @@ from batchinfer.errors import ConfigError
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 
+# Per-shard overhead (a Prefect task plus the commit) is about 40 ms, ~1% of a 1,000,000-row MLP shard on two
+# CPU cores (BENCHMARKS.md); on a SQLite-backed server the `gpu` tag's slot retries can add ~2 s a shard.
 DEFAULT_SHARD_ROWS = 1_000_000
 DEFAULT_BATCH_SIZE = 1024
 
@@ -64,7 +66,8 @@ class RunConfig(BaseModel):
     )
     overwrite: bool = Field(default=False, description="Replace an output that holds a run with another configuration.")
     concurrency_tag: str = Field(
-        default="gpu", description="Prefect tag whose concurrency limit is set to the device count."
+        default="gpu",
+        description="Tag of the inference task; also the name of the Prefect global concurrency limit set to the device count.",
     )
     cpu_threads: int | None = Field(default=None, description="Torch threads per CPU device (default: all cores).")
 

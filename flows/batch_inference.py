@@ -2,17 +2,21 @@
 
 Orchestration only; the work is in `batchinfer` behind the tasks in `tasks/`.
 At most N shards run at once (N = devices): a bounded task runner inside the
-run, and the Prefect concurrency limit of the `gpu` tag across runs.
+run, and a Prefect global concurrency limit named after the tag (`gpu`) with N
+slots across runs on one server (see flows/slots.py for why not a tag limit).
 """
 
 # No `from __future__ import annotations`: `serve` hands the flow function to each run's process by
 # value (cloudpickle), where string annotations such as "InputParams" cannot be resolved and every
 # run would fail parameter validation.
 
+import concurrent.futures
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -21,15 +25,17 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.orchestration import get_client
-from prefect.futures import as_completed
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchinfer.merge import RunReport
 from batchinfer.pipeline import Plan, start_run
+from batchinfer.planning import Shard
 from flows.params import ComputeParams, InputParams, ModelParams, OutputParams, to_config
+from flows.slots import DeviceSlots
 from tasks.shards import GPU_TAG, infer_shard, merge_run, plan_run
+
+SLOT_POLL_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +59,15 @@ def core_logs_in_run_log() -> Iterator[None]:
         core.setLevel(previous)
 
 
-def set_concurrency_limit(tag: str, limit: int) -> None:
-    """Create or update the tag's limit so runs sharing this server share the devices."""
-    try:
-        with get_client(sync_client=True) as client:
-            client.create_concurrency_limit(tag=tag, concurrency_limit=limit)
-    except Exception as exc:  # noqa: BLE001 - the in-run bound still holds without it
-        get_run_logger().warning("could not set the concurrency limit of tag %r: %s", tag, exc)
-
-
 def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Score pending shards, at most one per device at a time; a failed shard does not stop the rest."""
+    """Score pending shards, one per device slot at a time; a failed shard does not stop the rest.
+
+    The flow thread holds one slot of the shared device limit per running shard (flows/slots.py):
+    at most N shards of this run at once (N = devices), and at most N across every run on the
+    server that uses the same limit name.
+    """
     logger = get_run_logger()
-    pending = plan.pending
+    pending = list(plan.pending)
     results: dict[str, dict[str, Any]] = {}
     if not pending:
         return results
@@ -74,11 +76,26 @@ def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
     progress_id = create_progress_artifact(
         progress=_percent(plan, results), key="batchinfer-progress", description="Shards finished"
     )
-    with ThreadPoolTaskRunner(max_workers=len(plan.devices)) as runner:
-        futures = {runner.submit(task, {"config": config, "settings": plan.settings, "shard": s}): s for s in pending}
-        for future in as_completed(list(futures)):
-            shard = futures[future]
+    devices = len(plan.devices)
+    running: dict[Any, tuple[Shard, UUID]] = {}
+    with DeviceSlots(config.concurrency_tag, devices) as slots, ThreadPoolTaskRunner(max_workers=devices) as runner:
+        while pending or running:
+            while pending and len(running) < devices and (lease := slots.try_take()) is not None:
+                shard = pending.pop(0)
+                future = runner.submit(task, {"config": config, "settings": plan.settings, "shard": shard})
+                running[future] = (shard, lease)
+            if not running:  # other runs hold every slot
+                time.sleep(SLOT_POLL_SECONDS)
+                continue
+            finished, _ = concurrent.futures.wait(
+                [f.wrapped_future for f in running], timeout=SLOT_POLL_SECONDS, return_when="FIRST_COMPLETED"
+            )
+            if not finished:
+                continue
+            future = next(f for f in running if f.wrapped_future in finished)
+            shard, lease = running.pop(future)
             future.wait()  # sets the final state from the future itself; the API's copy can lag behind
+            slots.give_back(lease)
             state = future.state
             if state.is_completed():
                 results[shard.shard_id] = future.result()
@@ -158,11 +175,11 @@ def batch_inference(
         output: Where the results go and what counts as success.
         compute: Devices, batch size and shard size.
     """
+    started = time.perf_counter()
     with core_logs_in_run_log():
         config = to_config(input, model, output, compute)
         logger = get_run_logger()
         plan = plan_run(config)
-        set_concurrency_limit(config.concurrency_tag, len(plan.devices))
         logger.info(
             "%d partitions, %d shards (%d already done), %d rows, %d device(s): %s",
             len(plan.partitions),
@@ -179,4 +196,4 @@ def batch_inference(
         publish(plan, results, report)
         if not report.ok:
             return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]
-        return report.to_dict()
+        return {**report.to_dict(), "flow_seconds": round(time.perf_counter() - started, 3)}

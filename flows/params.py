@@ -107,7 +107,7 @@ class ComputeParams(BaseModel):
         default="gpu",
         min_length=1,
         title="Concurrency tag",
-        description="Prefect tag whose concurrency limit is set to the device count.",
+        description="Tag of the inference task; also the name of the Prefect global concurrency limit set to the device count.",
     )
 
 

@@ -12,6 +12,11 @@ spec="."
 [ -n "$extra" ] && spec=".[$extra]"
 stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)-${extra:-base}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec"
+  echo "installing batchinfer${extra:+ [$extra]} into .venv (pinned by constraints.txt) ..." >&2
+  if ! .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec" \
+      > .venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

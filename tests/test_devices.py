@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchinfer.devices import DevicePool, Device, discover, pool_for
+from batchinfer.devices import Device, DevicePool, discover, pool_for
 from batchinfer.errors import DeviceError
 from tests.conftest import ROOT, run_job
 from tests.faulty_models import FEATURES
@@ -88,8 +88,21 @@ def test_bad_devices_exit_before_any_shard(tabular, tmp_path, capsys):
     from batchinfer.cli import main
 
     output = tmp_path / "out"
-    code = main(["run", "--input", tabular["input"], "--output", str(output), "--model", "mlp",
-                 "--checkpoint", tabular["checkpoint"], "--devices", "cuda:7"])
+    code = main(
+        [
+            "run",
+            "--input",
+            tabular["input"],
+            "--output",
+            str(output),
+            "--model",
+            "mlp",
+            "--checkpoint",
+            tabular["checkpoint"],
+            "--devices",
+            "cuda:7",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [err[0]] and "cuda:7 does not exist" in err[0]
@@ -115,8 +128,15 @@ def test_fake_devices_through_the_flow(tabular, tmp_path, control):
     pool = pool_for(discover("fake:3"))
     history_before = len(pool.history)
     with pytest.raises(Exception, match="injected failure"):
-        run_job(input_uri=tabular["input"], output_uri=str(output), model=MODEL, features=FEATURES,
-                devices="fake:3", shard_rows=2_000, batch_size=500)
+        run_job(
+            input_uri=tabular["input"],
+            output_uri=str(output),
+            model=MODEL,
+            features=FEATURES,
+            devices="fake:3",
+            shard_rows=2_000,
+            batch_size=500,
+        )
     history = pool.history[history_before:]
     assert len(history) == 12
     assert pool.held == {}
@@ -147,15 +167,42 @@ def test_gpu_tag_limit_is_set_and_shared_by_two_runs(tabular, tmp_path, control)
 
     tag = "gpu-shared-test"
     (control / "sleep").write_text("0.3")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT),
-           "BATCHINFER_TEST_CONTROL": str(control)}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PYTHONPATH": str(ROOT),
+        "BATCHINFER_TEST_CONTROL": str(control),
+    }
     outputs = [tmp_path / "a", tmp_path / "b"]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "batchinfer.cli", "run", "--input", tabular["input"], "--output", str(out),
-             "--model", MODEL, "--features", ",".join(FEATURES), "--devices", "fake:2", "--shard-rows", "5000",
-             "--batch-size", "1000", "--concurrency-tag", tag],
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "batchinfer.cli",
+                "run",
+                "--input",
+                tabular["input"],
+                "--output",
+                str(out),
+                "--model",
+                MODEL,
+                "--features",
+                ",".join(FEATURES),
+                "--devices",
+                "fake:2",
+                "--shard-rows",
+                "5000",
+                "--batch-size",
+                "1000",
+                "--concurrency-tag",
+                tag,
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for out in outputs
     ]
@@ -163,7 +210,7 @@ def test_gpu_tag_limit_is_set_and_shared_by_two_runs(tabular, tmp_path, control)
         stdout, stderr = proc.communicate(timeout=240)
         assert proc.returncode == 0, stderr[-2000:]
     with get_client(sync_client=True) as client:
-        assert client.read_concurrency_limit_by_tag(tag).concurrency_limit == 2
+        assert client.read_global_concurrency_limit_by_name(tag).limit == 2
     intervals = [_interval(m) for out in outputs for m in _markers(out)]
     assert len(intervals) == 8
     assert _max_overlap(intervals) <= 2
