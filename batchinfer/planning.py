@@ -154,6 +154,8 @@ def array_width(dtype: str) -> int | None:
     if match and match.group(1).startswith(_NUMERIC_PREFIXES):
         return int(match.group(2))
     return None
+
+
 _TEXT_TYPES = ("string", "large_string", "string_view")
 
 

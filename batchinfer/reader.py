@@ -31,7 +31,9 @@ def iter_shard(storage: Storage, shard: Shard, columns: list[str], chunk_rows: i
                 batch_size=chunk_rows,
                 row_groups=range(shard.rg_start, shard.rg_stop),
                 columns=columns,
-                use_threads=True,
+                # The caller's prefetch thread is the parallelism: Arrow's own pool would only
+                # compete with the model's threads for the same cores.
+                use_threads=False,
             )
             yield from batches
         except InputError:
@@ -85,8 +87,11 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
 def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A float32 [rows, features] matrix, a mask of rows that can be scored, and why the others cannot.
 
-    One fixed-size-list column converts without a copy; separate columns are
-    copied into one C-ordered matrix.
+    One fixed-size-list column of float32 converts without a copy (C order).
+    Separate columns are copied into a column-major (Fortran-ordered) matrix:
+    each column lands in one contiguous run, several times faster than
+    scattering it across rows, and `torch.nn.Linear` reads either layout
+    without a further copy.
     """
     rows = batch.num_rows
     if len(features) == 1 and pa.types.is_fixed_size_list(batch.schema.field(features[0]).type):
@@ -103,7 +108,7 @@ def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarr
             matrix = matrix.reshape(rows, width)
         nulls = {features[0]: np.asarray(column.is_null().to_numpy(zero_copy_only=False))} if column.null_count else {}
     else:
-        matrix = np.empty((rows, len(features)), dtype=np.float32)
+        matrix = np.empty((len(features), rows), dtype=np.float32).T
         nulls = {}
         for j, name in enumerate(features):
             column = batch.column(name)

