@@ -20,10 +20,22 @@ pytestmark = [
 
 
 def test_flow_on_all_gpus_matches_cpu(tabular, tmp_path):
-    gpu = run_job(input_uri=tabular["input"], output_uri=str(tmp_path / "gpu"), model="mlp",
-                  checkpoint=tabular["checkpoint"], devices="auto", shard_rows=2_000)
-    cpu = run_job(input_uri=tabular["input"], output_uri=str(tmp_path / "cpu"), model="mlp",
-                  checkpoint=tabular["checkpoint"], devices="cpu", shard_rows=2_000)
+    gpu = run_job(
+        input_uri=tabular["input"],
+        output_uri=str(tmp_path / "gpu"),
+        model="mlp",
+        checkpoint=tabular["checkpoint"],
+        devices="auto",
+        shard_rows=2_000,
+    )
+    cpu = run_job(
+        input_uri=tabular["input"],
+        output_uri=str(tmp_path / "cpu"),
+        model="mlp",
+        checkpoint=tabular["checkpoint"],
+        devices="cpu",
+        shard_rows=2_000,
+    )
     assert gpu["ok"] and cpu["ok"]
     a = pl.read_parquet(f"{tmp_path / 'gpu'}/predictions/*.parquet").sort("id")
     b = pl.read_parquet(f"{tmp_path / 'cpu'}/predictions/*.parquet").sort("id")
@@ -35,10 +47,22 @@ def test_flow_on_all_gpus_matches_cpu(tabular, tmp_path):
 
 
 def test_minilm_on_gpu_matches_cpu(text, tmp_path):
-    gpu = run_job(input_uri=text["input"], output_uri=str(tmp_path / "gpu"), model="minilm", text_column="text",
-                  devices="cuda:0", batch_size=32)
-    cpu = run_job(input_uri=text["input"], output_uri=str(tmp_path / "cpu"), model="minilm", text_column="text",
-                  devices="cpu", batch_size=32)
+    gpu = run_job(
+        input_uri=text["input"],
+        output_uri=str(tmp_path / "gpu"),
+        model="minilm",
+        text_column="text",
+        devices="cuda:0",
+        batch_size=32,
+    )
+    cpu = run_job(
+        input_uri=text["input"],
+        output_uri=str(tmp_path / "cpu"),
+        model="minilm",
+        text_column="text",
+        devices="cpu",
+        batch_size=32,
+    )
     assert gpu["ok"] and cpu["ok"]
     a = pl.read_parquet(f"{tmp_path / 'gpu'}/predictions/*.parquet").sort("id")
     b = pl.read_parquet(f"{tmp_path / 'cpu'}/predictions/*.parquet").sort("id")

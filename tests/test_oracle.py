@@ -44,8 +44,13 @@ def minilm_reference(texts: list[str]) -> np.ndarray:
 def test_mlp_flow_matches_plain_pytorch(tabular, tmp_path):
     output = str(tmp_path / "out")
     report = run_job(
-        input_uri=tabular["input"], output_uri=output, model="mlp", checkpoint=tabular["checkpoint"],
-        shard_rows=3_000, batch_size=512, passthrough=["f00"],
+        input_uri=tabular["input"],
+        output_uri=output,
+        model="mlp",
+        checkpoint=tabular["checkpoint"],
+        shard_rows=3_000,
+        batch_size=512,
+        passthrough=["f00"],
     )
     assert report["ok"] and report["rows_out"] == 20_000
     inputs = pl.read_parquet(f"{tabular['input']}/*.parquet")

@@ -30,8 +30,15 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
 def job(input_uri: str, output: str | Path, **extra) -> dict:
-    settings = dict(input_uri=input_uri, output_uri=str(output), model=MODEL, features=FEATURES,
-                    devices="cpu", shard_rows=5_000, batch_size=500)
+    settings = dict(
+        input_uri=input_uri,
+        output_uri=str(output),
+        model=MODEL,
+        features=FEATURES,
+        devices="cpu",
+        shard_rows=5_000,
+        batch_size=500,
+    )
     return {**settings, **extra}
 
 
@@ -71,6 +78,7 @@ def markers(output: Path) -> dict[str, dict]:
 def assert_same_as_clean(output: Path, clean: Path) -> None:
     assert (output / "_SUCCESS").exists()
     assert merged(output).equals(merged(clean))
+
     def by_slice(folder: Path) -> dict[tuple[str, int], bytes]:
         return {
             (Path(m["partition_uri"]).name, m["shard"]["row_start"]): (folder / "shards" / f"{k}.parquet").read_bytes()
@@ -123,8 +131,28 @@ def test_transient_errors_are_retried_deterministic_ones_are_not(data, tmp_path,
 def test_cli_rerun_uses_the_recorded_parameters(data, tmp_path, control, clean, capsys):
     output = tmp_path / "out"
     (control / "fail").write_text("value 12000 12001")
-    assert main(["run", "--input", str(data), "--output", str(output), "--model", MODEL, "--features",
-                 ",".join(FEATURES), "--devices", "cpu", "--shard-rows", "5000", "--batch-size", "500"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                "--input",
+                str(data),
+                "--output",
+                str(output),
+                "--model",
+                MODEL,
+                "--features",
+                ",".join(FEATURES),
+                "--devices",
+                "cpu",
+                "--shard-rows",
+                "5000",
+                "--batch-size",
+                "500",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "injected failure" in err[0]
     assert main(["status", "--output", str(output)]) == 0
@@ -142,9 +170,28 @@ def test_sigkill_mid_shard_then_rerun(data, tmp_path, control, clean):
     output = tmp_path / "out"
     (control / "sleep").write_text("0.25")
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "batchinfer.cli", "run", "--input", str(data), "--output", str(output),
-            "--model", MODEL, "--features", ",".join(FEATURES), "--devices", "cpu", "--shard-rows", "5000",
-            "--batch-size", "500", "--concurrency-tag", "gpu-kill-test"]
+    args = [
+        sys.executable,
+        "-m",
+        "batchinfer.cli",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(output),
+        "--model",
+        MODEL,
+        "--features",
+        ",".join(FEATURES),
+        "--devices",
+        "cpu",
+        "--shard-rows",
+        "5000",
+        "--batch-size",
+        "500",
+        "--concurrency-tag",
+        "gpu-kill-test",
+    ]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list((output / "markers").glob("*.json"))) < 1:
@@ -215,7 +262,10 @@ def test_incremental_runs_follow_the_input(data, tmp_path, control):
     assert ids.n_unique() == 15_000 and not ids.is_between(5_000, 9_999).any()
     manifest = json.loads((output / "manifest.json").read_text())
     assert [Path(p["uri"]).name for p in manifest["partitions"]] == [
-        "part-00000.parquet", "part-00002.parquet", "part-00003.parquet"]
+        "part-00000.parquet",
+        "part-00002.parquet",
+        "part-00003.parquet",
+    ]
     assert len(list((output / "markers").glob("*.json"))) == 3  # stale shards were removed
     assert len(list((output / "predictions").glob("*.parquet"))) == 3
 
@@ -240,9 +290,12 @@ def test_s3_outage_mid_run_then_rerun(tabular, s3_bucket, s3_server, tmp_path, c
     bucket, _ = s3_bucket
     proxy = Proxy(s3_server.port, free_port())
     proxy.start()
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"},
-               "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5}}
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{proxy.port}"},
+        "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 5},
+    }
     fs = s3fs.S3FileSystem(**s3_server.options())
     fs.put(tabular["input"] + "/", f"{bucket}/data/", recursive=True)
     (control / "sleep").write_text("0.1")
