@@ -221,13 +221,17 @@ def batch_size_for(settings: ShardSettings, spec: ModelSpec, device: Device) -> 
 
 
 def _out_of_memory(exc: BaseException, size: int, settings: ShardSettings, spec: ModelSpec, device: Device) -> int:
-    """Halve an automatic batch size after out-of-memory (and remember it for the device); re-raise otherwise."""
-    if settings.batch_size or size <= 1:
+    """Halve the batch after out-of-memory and go on; an automatic size is remembered for the device.
+
+    A configured size is halved for the rest of this chunk only. Out of memory at one row is final.
+    """
+    if size <= 1:
         raise exc
     smaller = size // 2
-    with _auto_lock:
-        key = (device.name, spec.fingerprint)
-        _auto_batch[key] = min(_auto_batch.get(key, smaller), smaller)
+    if not settings.batch_size:
+        with _auto_lock:
+            key = (device.name, spec.fingerprint)
+            _auto_batch[key] = min(_auto_batch.get(key, smaller), smaller)
     if device.torch_name.startswith("cuda"):
         torch.cuda.empty_cache()
     log.warning("out of memory at batch size %d on %s; trying %d", size, device.name, smaller)

@@ -110,6 +110,15 @@ def prefect_server():
         yield
 
 
+@pytest.fixture
+def control(tmp_path, monkeypatch) -> Path:
+    """The folder that steers tests/faulty_models.py (sleep, fail, nan files)."""
+    folder = tmp_path / "control"
+    folder.mkdir()
+    monkeypatch.setenv("BATCHINFER_TEST_CONTROL", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tabular(tmp_path_factory) -> dict:
     """20,000 rows of 64 features over 4 partitions (row groups of 1,000), and a trained MLP checkpoint."""

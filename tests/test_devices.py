@@ -20,14 +20,6 @@ from tests.faulty_models import FEATURES
 MODEL = "tests.faulty_models:factory"
 
 
-@pytest.fixture
-def control(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "control"
-    folder.mkdir()
-    monkeypatch.setenv("BATCHINFER_TEST_CONTROL", str(folder))
-    return folder
-
-
 def _markers(output: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((output / "markers").glob("*.json"))]
 

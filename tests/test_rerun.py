@@ -43,14 +43,6 @@ def job(input_uri: str, output: str | Path, **extra) -> dict:
 
 
 @pytest.fixture
-def control(tmp_path, monkeypatch) -> Path:
-    folder = tmp_path / "control"
-    folder.mkdir()
-    monkeypatch.setenv("BATCHINFER_TEST_CONTROL", str(folder))
-    return folder
-
-
-@pytest.fixture
 def data(tabular, tmp_path) -> Path:
     """A private copy of the tabular input (tests change it)."""
     target = tmp_path / "data"
@@ -65,6 +57,27 @@ def clean(tabular, tmp_path_factory) -> Path:
     os.environ["BATCHINFER_TEST_CONTROL"] = str(folder)
     run_job(**job(tabular["input"], folder / "out"))
     return folder / "out"
+
+
+def cli_args(data: Path, output: Path) -> list[str]:
+    """`batchinfer run` arguments for the same job as `job()`."""
+    return [
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(output),
+        "--model",
+        MODEL,
+        "--features",
+        ",".join(FEATURES),
+        "--devices",
+        "cpu",
+        "--shard-rows",
+        "5000",
+        "--batch-size",
+        "500",
+    ]
 
 
 def merged(output: Path | str, **options) -> pl.DataFrame:
@@ -131,28 +144,7 @@ def test_transient_errors_are_retried_deterministic_ones_are_not(data, tmp_path,
 def test_cli_rerun_uses_the_recorded_parameters(data, tmp_path, control, clean, capsys):
     output = tmp_path / "out"
     (control / "fail").write_text("value 12000 12001")
-    assert (
-        main(
-            [
-                "run",
-                "--input",
-                str(data),
-                "--output",
-                str(output),
-                "--model",
-                MODEL,
-                "--features",
-                ",".join(FEATURES),
-                "--devices",
-                "cpu",
-                "--shard-rows",
-                "5000",
-                "--batch-size",
-                "500",
-            ]
-        )
-        == 1
-    )
+    assert main(cli_args(data, output)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "injected failure" in err[0]
     assert main(["status", "--output", str(output)]) == 0
@@ -174,21 +166,7 @@ def test_sigkill_mid_shard_then_rerun(data, tmp_path, control, clean):
         sys.executable,
         "-m",
         "batchinfer.cli",
-        "run",
-        "--input",
-        str(data),
-        "--output",
-        str(output),
-        "--model",
-        MODEL,
-        "--features",
-        ",".join(FEATURES),
-        "--devices",
-        "cpu",
-        "--shard-rows",
-        "5000",
-        "--batch-size",
-        "500",
+        *cli_args(data, output),
         "--concurrency-tag",
         "gpu-kill-test",
     ]

@@ -403,12 +403,22 @@ def test_auto_batch_size_halves_on_out_of_memory_and_is_remembered_per_device(mo
     assert max(model.sizes) == 256  # the next chunk starts where the last one ended
 
 
-def test_a_fixed_batch_size_does_not_hide_out_of_memory(monkeypatch):
+def test_a_fixed_batch_size_is_halved_on_out_of_memory_but_not_remembered(monkeypatch):
     monkeypatch.setattr(runner, "_auto_batch", {})
     model = _SmallMemoryModel(limit=100)
-    matrix = np.zeros((500, 3), dtype=np.float32)
+    matrix = np.random.default_rng(1).standard_normal((500, 3)).astype(np.float32)
+    out = runner._predict_matrix(matrix, _feature_settings(400), _spec("features"), model, Device("cpu", "cpu"))
+    np.testing.assert_allclose(out, torch.softmax(torch.from_numpy(matrix), dim=1).numpy(), atol=1e-6)
+    assert model.sizes[:3] == [400, 200, 100]
+    assert runner._auto_batch == {}
+
+
+def test_out_of_memory_at_one_row_is_final(monkeypatch):
+    model = _SmallMemoryModel(limit=0)
     with pytest.raises(torch.OutOfMemoryError):
-        runner._predict_matrix(matrix, _feature_settings(400), _spec("features"), model, Device("cpu", "cpu"))
+        runner._predict_matrix(
+            np.zeros((4, 3), dtype=np.float32), _feature_settings(2), _spec("features"), model, Device("cpu", "cpu")
+        )
 
 
 def test_auto_batch_size_on_the_cpu_is_the_measured_default():
