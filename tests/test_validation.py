@@ -121,6 +121,19 @@ def test_tampered_shard_fails_validation(
     assert_refused(output, merge_and_validate(plan), victim, expected.format(key=key))
 
 
+def test_input_changed_during_the_run_fails_validation(data: Path, tmp_path: Path) -> None:
+    """Uniqueness rests on the input planned: a partition rewritten mid-run is refused, not merged."""
+    output = tmp_path / "out"
+    plan = scored(data, output)
+    victim = data / "part-00001.parquet"
+    ids = np.arange(0, ROWS_PER_PARTITION + 1)  # now repeats the first partition's keys
+    write_features(victim, ids, 100)
+    report = merge_and_validate(plan)
+    assert not report.ok and report.first_failure.startswith(f"{victim}: input changed during the run")
+    assert not (output / "_SUCCESS").exists()
+    assert not list((output / "predictions").glob("*.parquet"))
+
+
 def nan_shard(plan: Plan) -> Shard:
     """The shard holding the row the NaN model spoils (keys start at 0 in the first partition)."""
     return next(s for s in plan.shards if s.partition_index == 0 and s.row_start <= NAN_KEY < s.row_start + s.num_rows)
