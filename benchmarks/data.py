@@ -22,7 +22,12 @@ TEXT_PARTITIONS = 2
 
 def _ready(folder: Path, params: dict) -> bool:
     stamp = folder / "_params.json"
-    return stamp.exists() and json.loads(stamp.read_text()) == params
+    if not stamp.exists():
+        return False
+    found = json.loads(stamp.read_text())
+    if "array" in params:
+        found.setdefault("array", True)  # stamps from before the array layout became optional
+    return found == params
 
 
 def _stamp(folder: Path, params: dict) -> None:
@@ -56,8 +61,8 @@ def tabular_paths(root: Path, rows: int) -> dict[str, Path]:
     return {"columns": folder / "columns", "array": folder / "array", "matrix": folder / "features.npy"}
 
 
-def tabular(root: Path, rows: int) -> dict[str, Path]:
-    """Parquet partitions (64 float columns), the same values as a .npy matrix, and the array layout."""
+def tabular(root: Path, rows: int, array: bool = True) -> dict[str, Path]:
+    """Parquet partitions (64 float columns), the same values as a .npy matrix, and the array layout (if `array`)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -67,11 +72,13 @@ def tabular(root: Path, rows: int) -> dict[str, Path]:
     folder = root / f"mlp-{rows}"
     params = {"rows": rows, "partition_rows": PARTITION_ROWS, "row_group_rows": ROW_GROUP_ROWS, "version": 2}
     paths = tabular_paths(root, rows)
-    if _ready(folder, params):
+    # Data with the array layout serve a run without it too; earlier stamps carry no "array" and always had it.
+    if _ready(folder, {**params, "array": True}) or (not array and _ready(folder, {**params, "array": False})):
         return paths
     _fresh(folder)
     paths["columns"].mkdir()
-    paths["array"].mkdir()
+    if array:
+        paths["array"].mkdir()
     matrix = np.lib.format.open_memmap(paths["matrix"], mode="w+", dtype=np.float32, shape=(rows, demo.N_FEATURES))
     at = 0
     for index, size in enumerate(partition_sizes(rows)):
@@ -80,13 +87,14 @@ def tabular(root: Path, rows: int) -> dict[str, Path]:
         frame.write_parquet(paths["columns"] / name, row_group_size=ROW_GROUP_ROWS)
         values = frame.select(demo.FEATURE_NAMES).to_numpy().astype(np.float32, copy=False)
         matrix[at : at + size] = values
-        array = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), demo.N_FEATURES)
-        table = pa.table({"id": frame["id"].to_arrow(), "features": array})
-        pq.write_table(table, paths["array"] / name, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+        if array:
+            column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), demo.N_FEATURES)
+            table = pa.table({"id": frame["id"].to_arrow(), "features": column})
+            pq.write_table(table, paths["array"] / name, row_group_size=ROW_GROUP_ROWS, compression="zstd")
         at += size
     matrix.flush()
     del matrix
-    _stamp(folder, params)
+    _stamp(folder, {**params, "array": array})
     return paths
 
 
@@ -114,11 +122,12 @@ def main() -> None:
     parser.add_argument("--root", required=True)
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--sentences", type=int, default=0)
+    parser.add_argument("--no-array", dest="array", action="store_false", help="skip the array-column layout")
     args = parser.parse_args()
     root = Path(args.root)
     checkpoint(root)
     if args.rows:
-        tabular(root / "data", args.rows)
+        tabular(root / "data", args.rows, array=args.array)
     if args.sentences:
         text(root / "data", args.sentences)
 

@@ -2,15 +2,23 @@
 
     .venv/bin/python -m benchmarks.run --rows 10000000 --sentences 5000
 
-Same data, checkpoint, device (the CPU here, every core) and batch size for
-every variant. Each variant runs in its own process (peak RSS from
+Same data, checkpoint, device (the CPU by default, every core) and batch size
+for every variant. `--device cuda:0` (or `auto`: cuda:0 when CUDA is there)
+moves the MLP's bare loop, naive loop and flow onto that device; Ray Data, the
+precision runs and the MiniLM workload stay on the CPU. `--only bare,flow`
+runs just those rows (see `--only`), e.g. the flow against the bare loop on a GPU:
+
+    .venv/bin/python -m benchmarks.run --rows 20000000 --device auto --workloads mlp --no-ray \
+        --only bare,flow --repeats 1 --no-markdown --json gpu-check/throughput.json
+ Each variant runs in its own process (peak RSS from
 `wait4`'s `ru_maxrss`; the whole process tree's peak PSS is sampled too, which
 is what counts for Ray's many processes), `--repeats` times round-robin, and
 the table shows the median. The flow is timed from flow start to flow end
 against a Prefect server started beforehand (`prefect server start` on a free
 loopback port with its own PREFECT_HOME); that server's start-up is reported
 on its own line. Data are generated once under `.bench/`. Results go to
-`benchmarks/results/*.json`, and the tables into BENCHMARKS.md.
+`benchmarks/results/*.json` (or, with `--json PATH`, into one file keyed by
+workload), and the tables into BENCHMARKS.md (not with `--no-markdown`).
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from benchmarks import data
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 MARKDOWN = ROOT / "BENCHMARKS.md"
+# What `--only` picks from: each row of a table (and each extra run) has one of these keys.
+ROW_KEYS = ("bare", "flow", "array", "ray", "naive", "memory", "overhead", "precision")
 
 
 # -- measuring one process ---------------------------------------------------------------------------------
@@ -147,11 +157,12 @@ class PrefectServer:
 
     def start(self, timeout: float = 180.0) -> None:
         exe = Path(sys.executable).with_name("prefect")
+        prefect = [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]  # e.g. a system python3
         env = {**os.environ, **self.env()}
         env.pop("PREFECT_API_URL")
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env,
             stdout=open(self.log, "ab"),  # noqa: SIM115 - kept open for the server's life
             stderr=subprocess.STDOUT,
@@ -192,6 +203,7 @@ class Row:
     variant: str
     params: dict[str, Any]
     runs: list[dict[str, Any]] = field(default_factory=list)
+    key: str = ""  # what `--only` calls it: one of ROW_KEYS
 
     def median(self, key: str) -> float:
         values = [r[key] for r in self.runs if r.get(key) is not None]
@@ -234,16 +246,30 @@ def ray_available() -> bool:
     return find_spec("ray") is not None
 
 
-def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: bool) -> tuple[list[Row], list[Row]]:
+def _picked(rows: list[Row], only: set[str]) -> list[Row]:
+    return [row for row in rows if row.key in only]
+
+
+def mlp_rows(
+    args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: bool, device: str
+) -> tuple[list[Row], list[Row]]:
     paths = data.tabular_paths(bench / "data", args.rows)
     common = {"checkpoint": str(checkpoint), "batch_size": args.batch_size, "threads": args.threads}
+    on = {"device": device}  # the rows that run where --device says; Ray and precision stay on the CPU
     out = bench / "out"
+    memory = "in memory" if device == "cpu" else f"already on {device}"
     rows = [
-        Row("(a) bare PyTorch loop, tensors in memory", "mlp-bare", {**common, "matrix": str(paths["matrix"])}),
+        Row(
+            f"(a) bare PyTorch loop, tensors {memory}",
+            "mlp-bare",
+            {**common, **on, "matrix": str(paths["matrix"])},
+            key="bare",
+        ),
         Row(
             "(b) batchinfer flow (Prefect)",
             "flow",
-            {**common, "model": "mlp", "input": str(paths["columns"]), "output": str(out / "flow")},
+            {**common, **on, "model": "mlp", "input": str(paths["columns"]), "output": str(out / "flow")},
+            key="flow",
         ),
     ]
     if args.array_layout:
@@ -253,11 +279,13 @@ def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: 
                 "flow",
                 {
                     **common,
+                    **on,
                     "model": "mlp",
                     "features": ["features"],
                     "input": str(paths["array"]),
                     "output": str(out / "flow-array"),
                 },
+                key="array",
             )
         )
     if with_ray:
@@ -274,13 +302,15 @@ def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: 
                     "ray_batch_rows": args.ray_batch_rows,
                     "ray_blocks": args.ray_blocks,
                 },
+                key="ray",
             )
         )
     rows.append(
         Row(
             "(d) naive polars -> torch loop",
             "mlp-naive",
-            {**common, "input": str(paths["columns"]), "output": str(out / "naive")},
+            {**common, **on, "input": str(paths["columns"]), "output": str(out / "naive")},
+            key="naive",
         )
     )
     extra: list[Row] = []
@@ -290,7 +320,8 @@ def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: 
             Row(
                 f"flow at {data.PARTITION_ROWS:,} rows (memory)",
                 "flow",
-                {**common, "model": "mlp", "input": str(first), "output": str(out / "flow-1m")},
+                {**common, **on, "model": "mlp", "input": str(first), "output": str(out / "flow-1m")},
+                key="memory",
             )
         )
     if args.overhead:
@@ -299,7 +330,15 @@ def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: 
             Row(
                 f"flow at {data.PARTITION_ROWS:,} rows, shards of {small:,} rows (overhead)",
                 "flow",
-                {**common, "model": "mlp", "input": str(first), "output": str(out / "flow-small"), "shard_rows": small},
+                {
+                    **common,
+                    **on,
+                    "model": "mlp",
+                    "input": str(first),
+                    "output": str(out / "flow-small"),
+                    "shard_rows": small,
+                },
+                key="overhead",
             )
         )
         if args.rows <= data.PARTITION_ROWS:
@@ -307,7 +346,8 @@ def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: 
                 Row(
                     f"flow at {data.PARTITION_ROWS:,} rows (memory)",
                     "flow",
-                    {**common, "model": "mlp", "input": str(first), "output": str(out / "flow-1m")},
+                    {**common, **on, "model": "mlp", "input": str(first), "output": str(out / "flow-1m")},
+                    key="memory",
                 )
             )
     extra.append(
@@ -315,9 +355,10 @@ def mlp_rows(args: argparse.Namespace, bench: Path, checkpoint: Path, with_ray: 
             "precision",
             "mlp-precision",
             {**common, "matrix": str(paths["matrix"]), "precision_rows": min(args.rows, 1_000_000), "once": True},
+            key="precision",
         )
     )
-    return rows, extra
+    return _picked(rows, args.only), _picked(extra, args.only)
 
 
 def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool) -> tuple[list[Row], list[Row]]:
@@ -325,12 +366,13 @@ def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool) -> tuple[li
     common = {"batch_size": args.text_batch_size, "threads": args.threads, "input": str(folder)}
     out = bench / "out"
     rows = [
-        Row("(a) bare loop, unsorted", "minilm-bare", {**common, "sorted": False}),
-        Row("(a') bare loop, sorted by length", "minilm-bare", {**common, "sorted": True}),
+        Row("(a) bare loop, unsorted", "minilm-bare", {**common, "sorted": False}, key="bare"),
+        Row("(a') bare loop, sorted by length", "minilm-bare", {**common, "sorted": True}, key="bare"),
         Row(
             "(b) batchinfer flow (Prefect)",
             "flow",
             {**common, "model": "minilm", "text_column": "text", "output": str(out / "flow-text")},
+            key="flow",
         ),
     ]
     if with_ray:
@@ -346,17 +388,23 @@ def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool) -> tuple[li
                     "ray_batch_rows": args.ray_text_batch_rows,
                     "ray_blocks": args.ray_blocks,
                 },
+                key="ray",
             )
         )
-    rows.append(Row("(d) naive polars -> torch loop", "minilm-naive", {**common, "output": str(out / "naive-text")}))
+    rows.append(
+        Row(
+            "(d) naive polars -> torch loop", "minilm-naive", {**common, "output": str(out / "naive-text")}, key="naive"
+        )
+    )
     extra = [
         Row(
             "precision",
             "minilm-precision",
             {**common, "precision_rows": min(args.sentences, args.text_precision_rows), "once": True},
+            key="precision",
         )
     ]
-    return rows, extra
+    return _picked(rows, args.only), _picked(extra, args.only)
 
 
 # -- reporting ---------------------------------------------------------------------------------------------
@@ -398,12 +446,38 @@ def precision_table(row: Row, deviation: list[str]) -> str:
     return "\n".join(lines)
 
 
-def environment(args: argparse.Namespace) -> dict[str, Any]:
+def resolve_device(name: str) -> dict[str, Any]:
+    """`--device` made concrete ('auto': cuda:0 when CUDA is there, else cpu), asked of torch in a child process."""
+    if name == "cpu":
+        return {"device": "cpu", "name": platform.processor() or platform.machine(), "cuda": None}
+    probe = (
+        "import json, sys, torch\n"
+        "name = sys.argv[1]\n"
+        "ok = torch.cuda.is_available()\n"
+        "device = ('cuda:0' if ok else 'cpu') if name == 'auto' else name\n"
+        "d = torch.device(device)\n"
+        "if d.type == 'cuda' and (not ok or (d.index or 0) >= torch.cuda.device_count()):\n"
+        "    sys.exit(f'--device {name}: no such CUDA device (CUDA available: {ok}, '\n"
+        "             f'{torch.cuda.device_count()} device(s))')\n"
+        "label = torch.cuda.get_device_name(d) if d.type == 'cuda' else 'cpu'\n"
+        "print(json.dumps({'device': device, 'name': label, 'cuda': torch.version.cuda}))\n"
+    )
+    # A child process: the driver stays small (no torch in it), as for the data below.
+    done = subprocess.run([sys.executable, "-c", probe, name], cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"--device {name}: failed")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def environment(args: argparse.Namespace, device: dict[str, Any]) -> dict[str, Any]:
     return {
         "command": " ".join([".venv/bin/python -m benchmarks.run", *sys.argv[1:]]),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
+        "device": device["device"],
+        "device_name": device["name"],
         "torch": _version("torch"),
+        "torch_cuda": device["cuda"],
         "torch_threads": args.threads,
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -453,25 +527,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-overhead", dest="overhead", action="store_false", help="skip the per-shard overhead run")
     parser.add_argument("--overhead-shard-rows", type=int, default=65_536)
     parser.add_argument("--text-precision-rows", type=int, default=1_000)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the MLP's bare loop, naive loop and flow run: cpu, cuda:N, or auto (cuda:0 if CUDA, else cpu)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(ROW_KEYS),
+        help=f"comma-separated rows to run (default: all): {', '.join(ROW_KEYS)}",
+    )
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
+    parser.add_argument("--json", default=None, help="write the results to this file, keyed by workload")
     parser.add_argument("--no-markdown", dest="markdown", action="store_false", help="leave BENCHMARKS.md alone")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.only = {key.strip() for key in args.only.split(",") if key.strip()}
+    unknown = sorted(args.only - set(ROW_KEYS))
+    if unknown:
+        parser.error(f"--only: unknown {', '.join(unknown)} (choose from {', '.join(ROW_KEYS)})")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     bench = Path(args.bench_dir).resolve()
     bench.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    with_ray = not args.no_ray and ray_available()
-    if not with_ray and not args.no_ray:
+    with_ray = not args.no_ray and "ray" in args.only and ray_available()
+    if not with_ray and not args.no_ray and "ray" in args.only:
         print("ray: not installed (pip install -e '.[bench]'); Ray Data rows are skipped")
     log = bench / "bench.log"
-    info = environment(args)
+    device = resolve_device(args.device)
+    info = environment(args, device)
     print(f"{info['command']}\n{info['cpu_count']} cores, torch {info['torch']}, logs in {log}")
+    if "mlp" in workloads:
+        fallback = (
+            " (auto: CUDA is not available, so the CPU)" if args.device == "auto" and device["device"] == "cpu" else ""
+        )
+        print(f"MLP device: {device['device']} ({device['name']}){fallback}", flush=True)
 
-    print("preparing data (cached in .bench/) ...", flush=True)
+    print(f"preparing data (cached in {bench}) ...", flush=True)
     # In a child process: the driver stays small, so no variant inherits a large peak RSS through fork.
     subprocess.run(
         [
@@ -484,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
             str(args.rows if "mlp" in workloads else 0),
             "--sentences",
             str(args.sentences if "minilm" in workloads else 0),
+            *([] if args.array_layout and "array" in args.only else ["--no-array"]),
         ],
         cwd=ROOT,
         check=True,
@@ -491,9 +587,10 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = bench / "mlp.safetensors"
     plans: dict[str, tuple[list[Row], list[Row]]] = {}
     if "mlp" in workloads:
-        plans["mlp"] = mlp_rows(args, bench, checkpoint, with_ray)
+        plans["mlp"] = mlp_rows(args, bench, checkpoint, with_ray, device["device"])
     if "minilm" in workloads:
         plans["minilm"] = text_rows(args, bench, with_ray)
+    plans = {name: plan for name, plan in plans.items() if plan[0] or plan[1]}
 
     server = PrefectServer(home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log")
     print("starting prefect server ...", end=" ", flush=True)
@@ -506,27 +603,44 @@ def main(argv: list[str] | None = None) -> None:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": str(ROOT),
     }
+    results: dict[str, Any] = {}
     try:
         for name, (rows, extra) in plans.items():
             repeats = args.repeats if name == "mlp" else args.text_repeats
             print(f"\n{name}: {len(rows)} variants x {repeats} run(s), round-robin", flush=True)
             run_rows(rows, repeats, env, log)
             run_rows(extra, repeats, env, log)
-            report(name, rows, extra, args, info, server)
+            results[name] = report(name, rows, extra, args, info, server)
+            save(name, results, args)
     finally:
         server.stop()
 
 
+def save(name: str, results: dict[str, Any], args: argparse.Namespace) -> None:
+    """`benchmarks/results/NAME-SIZE.json`, or every workload so far in the one file of `--json`."""
+    if args.json:
+        path = Path(args.json).resolve()
+        text = json.dumps(results, indent=2)
+    else:
+        size = args.rows if name == "mlp" else args.sentences
+        path = RESULTS / f"{name}-{size}.json"
+        text = json.dumps(results[name], indent=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
 def report(
     name: str, rows: list[Row], extra: list[Row], args: argparse.Namespace, info: dict[str, Any], server: PrefectServer
-) -> None:
+) -> dict[str, Any]:
+    bare = [row for row in rows if row.key == "bare" and row.runs]
     if name == "mlp":
-        references = [("(a)", rows[0])]
+        references = list(zip(["(a)"], bare, strict=False))
         deviation = ["max_abs_prob_diff", "argmax_agreement"]
     else:
-        references = [("(a) unsorted", rows[0]), ("(a') sorted", rows[1])]
+        references = list(zip(["(a) unsorted", "(a') sorted"], bare, strict=False))
         deviation = ["mean_cosine", "min_cosine"]
-    main_table = table(rows, references)
+    main_table = table(rows, references) if any(row.runs for row in rows) else ""
     flows = [r for r in [*rows, *extra] if r.variant == "flow" and r.runs]
     notes = [f"Prefect server start-up (fresh PREFECT_HOME, not in any row): {server.startup_seconds:.1f} s"]
     for row in [*rows, *extra]:
@@ -538,14 +652,16 @@ def report(
             f"{row.median('seconds'):.2f} s flow, {row.median('shard_seconds_sum'):.2f} s in shards, "
             f"{row.median('merge_seconds'):.2f} s merge-and-validate, peak RSS {row.summary()['peak_rss_mb']:,.0f} MB"
         )
-    big = next((r for r in rows if r.variant == "flow"), None)
-    small = next((r for r in extra if r.label.endswith("(memory)")), None)
-    summary: dict[str, Any] = {}
+    big = next((r for r in rows if r.key == "flow" and r.runs), None)
+    small = next((r for r in extra if r.key == "memory"), None)
+    summary: dict[str, Any] = {"device": info["device"] if name == "mlp" else "cpu"}
+    if big and bare:
+        summary["flow_vs_bare"] = round(big.rows_per_s / bare[0].rows_per_s, 4)
     if big and small and big.runs and small.runs:
         ratio = big.summary()["peak_rss_mb"] / small.summary()["peak_rss_mb"]
         summary["flow_rss_ratio"] = round(ratio, 3)
         notes.append(f"flow peak RSS, {big.runs[0]['rows']:,} rows / {small.runs[0]['rows']:,} rows: {ratio:.2f}x")
-    overhead = next((r for r in extra if r.label.endswith("(overhead)")), None)
+    overhead = next((r for r in extra if r.key == "overhead"), None)
     if overhead and small and overhead.runs and small.runs:
         extra_shards = overhead.runs[0]["shards"] - small.runs[0]["shards"]
         per_shard = (overhead.median("seconds") - small.median("seconds")) / max(extra_shards, 1)
@@ -560,14 +676,16 @@ def report(
     precision = next((r for r in extra if r.variant.endswith("precision")), None)
     precision_md = precision_table(precision, deviation) if precision else ""
     workload = (
-        f"{rows[0].runs[0]['rows']:,} rows x 64 float32 features, MLP 64-256-256-10, batch {args.batch_size}"
+        f"{args.rows:,} rows x 64 float32 features, MLP 64-256-256-10, batch {args.batch_size}"
         if name == "mlp"
-        else f"{rows[0].runs[0]['rows']:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}"
+        else f"{args.sentences:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}"
     )
+    where = f"device {info['device']} ({info['device_name']}), " if name == "mlp" and info["device"] != "cpu" else ""
+    repeats = max((len(row.runs) for row in rows), default=1)
     body = "\n\n".join(
         [
-            f"{workload}; {info['cpu_count']} cores, torch {info['torch_threads']} threads, "
-            f"median of {len(rows[0].runs)} run(s).",
+            f"{workload}; {where}{info['cpu_count']} cores, torch {info['torch_threads']} threads, "
+            f"median of {repeats} run(s).",
             main_table,
             "\n".join(f"- {n}" for n in notes),
             f"Precision (batchinfer's predictor, {precision.runs[0]['rows']:,} rows):\n\n{precision_md}"
@@ -575,6 +693,7 @@ def report(
             else "",
         ]
     )
+    body = re.sub(r"\n{3,}", "\n\n", body).strip()  # rows left out by --only leave no gaps
     print(f"\n{body}\n")
     result = {
         "workload": name,
@@ -586,12 +705,9 @@ def report(
         "summary": summary,
         "notes": notes,
     }
-    size = args.rows if name == "mlp" else args.sentences
-    path = RESULTS / f"{name}-{size}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
     if args.markdown:
         update_markdown(name, f"Command: `{info['command']}`\n\n{body}")
+    return result
 
 
 if __name__ == "__main__":

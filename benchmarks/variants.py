@@ -35,6 +35,24 @@ def _threads(params: dict[str, Any]) -> None:
     torch.set_num_threads(params["threads"])
 
 
+def _device(params: dict[str, Any]):
+    """The torch device of `params["device"]`: 'cpu' (default), 'cuda:N', or 'auto' (cuda:0 when CUDA is there)."""
+    import torch
+
+    name = params.get("device") or "cpu"
+    if name == "auto":
+        name = "cuda:0" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def _sync(device) -> None:
+    """Wait for the device's queued work, so that a clock stopped after it counts that work."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _fresh(path: str) -> Path:
     folder = Path(path)
     if folder.exists():
@@ -70,21 +88,25 @@ def _probabilities_table(keys, probs: np.ndarray):
 
 @variant("mlp-bare")
 def mlp_bare(params: dict[str, Any]) -> dict[str, Any]:
-    """The limit: the model over a float32 tensor already in memory, mini-batch by mini-batch."""
+    """The limit: the model over a float32 tensor already in the device's memory, mini-batch by mini-batch."""
     import torch
 
     _threads(params)
-    model = _mlp_module(params["checkpoint"])
-    x = torch.from_numpy(np.load(params["matrix"]))
+    device = _device(params)
+    model = _mlp_module(params["checkpoint"]).to(device)
+    x = torch.from_numpy(np.load(params["matrix"])).to(device)
     rows, batch = x.shape[0], params["batch_size"]
-    out = torch.empty((rows, 10), dtype=torch.float32)
+    out = torch.empty((rows, 10), dtype=torch.float32, device=device)
     with torch.inference_mode():
-        model(x[:batch])  # warm-up: first-call allocations
+        model(x[:batch])  # warm-up: first-call allocations (and CUDA kernels)
+        _sync(device)
+        started_at = time.time()
         start = time.perf_counter()
         for lo in range(0, rows, batch):
             out[lo : lo + batch] = torch.softmax(model(x[lo : lo + batch]), dim=1)
+        _sync(device)
         seconds = time.perf_counter() - start
-    return {"rows": rows, "seconds": seconds}
+    return {"rows": rows, "seconds": seconds, "device": str(device), "started_at": started_at, "ended_at": time.time()}
 
 
 @variant("mlp-naive")
@@ -96,17 +118,18 @@ def mlp_naive(params: dict[str, Any]) -> dict[str, Any]:
     from batchinfer.demo import FEATURE_NAMES
 
     _threads(params)
-    model = _mlp_module(params["checkpoint"])
+    device = _device(params)
+    model = _mlp_module(params["checkpoint"]).to(device)
     out_dir = _fresh(params["output"])
     batch = params["batch_size"]
     rows = 0
     start = time.perf_counter()
     for path in sorted(Path(params["input"]).glob("*.parquet")):
         frame = pl.read_parquet(path, columns=["id", *FEATURE_NAMES])
-        x = torch.from_numpy(frame.select(FEATURE_NAMES).to_numpy().astype(np.float32))
+        x = torch.from_numpy(frame.select(FEATURE_NAMES).to_numpy().astype(np.float32)).to(device)
         with torch.inference_mode():
             probs = torch.cat([torch.softmax(model(x[i : i + batch]), dim=1) for i in range(0, len(x), batch)])
-        probs_np = probs.numpy()
+        probs_np = probs.cpu().numpy()
         result = pl.DataFrame(
             {
                 "id": frame["id"],
@@ -116,7 +139,7 @@ def mlp_naive(params: dict[str, Any]) -> dict[str, Any]:
         )
         result.write_parquet(out_dir / path.name)
         rows += len(frame)
-    return {"rows": rows, "seconds": time.perf_counter() - start}
+    return {"rows": rows, "seconds": time.perf_counter() - start, "device": str(device)}
 
 
 class _RayMLP:
@@ -260,13 +283,15 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         features=params.get("features"),
         batch_size=params["batch_size"],
         shard_rows=params.get("shard_rows") or DEFAULT_SHARD_ROWS,
-        devices="cpu",
+        devices=str(_device(params)),
         cpu_threads=params["threads"],
         precision=params.get("precision", "fp32"),
     )
+    started_at = time.time()  # wall clock, to line up with samples taken outside (e.g. nvidia-smi's GPU busy %)
     start = time.perf_counter()
     state = batch_inference(**from_config(config), return_state=True)
     seconds = time.perf_counter() - start
+    ended_at = time.time()
     if not state.is_completed():
         raise SystemExit(f"the flow ended {state.name}: {state.message}")
     report = state.result()
@@ -279,6 +304,9 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         "shard_rows": config.shard_rows,
         "shard_seconds_sum": sum(shard_seconds),
         "merge_seconds": report.get("seconds"),
+        "device": config.devices,
+        "started_at": started_at,
+        "ended_at": ended_at,
     }
 
 
