@@ -8,9 +8,11 @@ that device replaces it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,8 +179,30 @@ def pool_for(devices: list[Device]) -> DevicePool:
         return pool
 
 
+_ARENAS_LIMITED = False
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's malloc arenas so memory stays flat across shards.
+
+    Every shard reads and writes in short-lived threads; glibc gives threads their own arenas
+    (up to 8 per core) and keeps what they freed, so the process grew with the number of shards.
+    Set once per process; a no-op where glibc is absent or MALLOC_ARENA_MAX is already set.
+    """
+    global _ARENAS_LIMITED
+    if _ARENAS_LIMITED or os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return
+    _ARENAS_LIMITED = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass
+
+
 def configure_threads(devices: list[Device], cpu_threads: int | None) -> None:
     """Split the cores between CPU devices that run at once (fake devices in tests share the CPU)."""
+    limit_malloc_arenas()
     cpu_devices = sum(1 for d in devices if not d.is_accelerator)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from batchinfer import progress
 from batchinfer.config import RunConfig
-from batchinfer.devices import Device, DevicePool, configure_threads, discover, pool_for
+from batchinfer.devices import Device, DevicePool, configure_threads, discover, limit_malloc_arenas, pool_for
 from batchinfer.errors import (
     BatchInferError,
     ConfigError,
@@ -239,6 +239,7 @@ def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) ->
 
 def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
     """Validate everything that can be known up front and decide which shards need work."""
+    limit_malloc_arenas()
     check_locations(config)
     devices = discover(config.devices)
     spec = model_spec(config)

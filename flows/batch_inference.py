@@ -78,12 +78,16 @@ def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
     )
     devices = len(plan.devices)
     running: dict[Any, tuple[Shard, UUID]] = {}
+    finished_since_update = False
     with DeviceSlots(config.concurrency_tag, devices) as slots, ThreadPoolTaskRunner(max_workers=devices) as runner:
         while pending or running:
             while pending and len(running) < devices and (lease := slots.try_take()) is not None:
                 shard = pending.pop(0)
                 future = runner.submit(task, {"config": config, "settings": plan.settings, "shard": shard})
                 running[future] = (shard, lease)
+            if finished_since_update:  # after submitting: the next shard need not wait for this call
+                update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
+                finished_since_update = False
             if not running:  # other runs hold every slot
                 time.sleep(SLOT_POLL_SECONDS)
                 continue
@@ -103,6 +107,8 @@ def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
                 reason = failure_reason(state)
                 results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
                 logger.error("shard %s failed: %s", shard.shard_id, reason)
+            finished_since_update = True
+        if finished_since_update:
             update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
     return results
 

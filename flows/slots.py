@@ -13,12 +13,14 @@ keeps its `gpu` tag for the UI and for any limit a user adds on it.
 from __future__ import annotations
 
 import threading
+import time
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
 
 LEASE_SECONDS = 60.0  # the server's minimum; a killed process frees its slots when the lease runs out
+QUICK_RETRIES = 50
 
 
 class DeviceSlots:
@@ -38,14 +40,13 @@ class DeviceSlots:
 
     def try_take(self) -> UUID | None:
         """A slot's lease id, or None when every slot is held (by this run or others)."""
-        try:
-            response = self._client.increment_concurrency_slots_with_lease(
-                names=[self.name], slots=1, mode="concurrency", lease_duration=LEASE_SECONDS
-            )
-        except httpx.HTTPStatusError as exc:
-            if exc.response.status_code == 423:
-                return None
-            raise
+        response = self._post(
+            "/v2/concurrency_limits/increment-with-lease",
+            {"names": [self.name], "slots": 1, "mode": "concurrency", "lease_duration": LEASE_SECONDS},
+        )
+        if response.status_code == 423:
+            return None
+        response.raise_for_status()
         lease_id = UUID(response.json()["lease_id"])
         with self._lock:
             self._leases.add(lease_id)
@@ -54,7 +55,22 @@ class DeviceSlots:
     def give_back(self, lease_id: UUID) -> None:
         with self._lock:
             self._leases.discard(lease_id)
-        self._client.release_concurrency_slots_with_lease(lease_id=lease_id)
+        self._post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease_id)}).raise_for_status()
+
+    def _post(self, path: str, body: dict) -> httpx.Response:
+        """POST with quick retries of SQLite's "database is locked" (503).
+
+        Prefect's client waits 2 s, then 4 s, before retrying a 503; on a SQLite-backed server a slot
+        request meets one whenever a task run commits at the same moment, and the next shard would
+        start seconds late. The lock clears within milliseconds, so retry after a few.
+        """
+        http = self._client._client  # the client's own httpx session: base URL, auth and headers
+        for attempt in range(QUICK_RETRIES):
+            response = httpx.Client.send(http, http.build_request("POST", path, json=body))
+            if response.status_code != 503:
+                return response
+            time.sleep(0.02 * (attempt + 1))
+        return response
 
     def close(self) -> None:
         self._stop.set()
