@@ -53,17 +53,15 @@ def _add_job_arguments(parser: argparse.ArgumentParser, *, output: bool = True) 
     parser.add_argument("--passthrough", help="comma-separated columns copied to the output")
     parser.add_argument(
         "--batch-size",
-        type=_int("--batch-size", auto=True),
+        type=_int(auto=True),
         default=DEFAULT_BATCH_SIZE,
         help="rows per forward pass, or 'auto' (the largest that fits on each GPU; the measured best on the CPU)",
     )
-    parser.add_argument(
-        "--shard-rows", type=_int("--shard-rows"), default=DEFAULT_SHARD_ROWS, help="target rows per shard"
-    )
+    parser.add_argument("--shard-rows", type=_int(), default=DEFAULT_SHARD_ROWS, help="target rows per shard")
     parser.add_argument("--devices", default="auto", help="auto | N | cpu | cuda:0,cuda:1")
     parser.add_argument("--precision", default="fp32", help="|".join(PRECISIONS))
     parser.add_argument("--storage-options", default="", help="fsspec/s3fs options as a JSON object")
-    parser.add_argument("--cpu-threads", type=_int("--cpu-threads"), default=None, help="torch threads per CPU device")
+    parser.add_argument("--cpu-threads", type=_int(), default=None, help="torch threads per CPU device")
     parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and tracebacks")
 
 
@@ -74,7 +72,7 @@ class _Auto(int):
         return "'auto'"
 
 
-def _int(flag: str, *, auto: bool = False) -> Callable[[str], int]:
+def _int(*, auto: bool = False) -> Callable[[str], int]:
     """A whole-number parser; with `auto`, the word 'auto' is accepted and becomes 0 (the config's "auto")."""
 
     def parse(text: str) -> int:
@@ -88,7 +86,7 @@ def _int(flag: str, *, auto: bool = False) -> Callable[[str], int]:
     return parse
 
 
-def _float(flag: str) -> Callable[[str], float]:
+def _float() -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             return float(text)
@@ -112,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="score a dataset (reruns only what is missing)")
     _add_job_arguments(run)
-    run.add_argument("--min-success-ratio", type=_float("--min-success-ratio"), default=1.0)
-    run.add_argument("--max-error-ratio", type=_float("--max-error-ratio"), default=0.0)
+    run.add_argument("--min-success-ratio", type=_float(), default=1.0)
+    run.add_argument("--max-error-ratio", type=_float(), default=0.0)
     run.add_argument("--overwrite", action="store_true", help="replace an output holding another configuration")
     run.add_argument(
         "--concurrency-tag",
@@ -136,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate sample data and a model, then run the flow on both models")
     demo.add_argument("--workdir", default=None, help="folder for data, model and outputs (default: ./batchinfer-demo)")
-    demo.add_argument("--rows", type=_int("--rows"), default=200_000)
-    demo.add_argument("--sentences", type=_int("--sentences"), default=2_000)
+    demo.add_argument("--rows", type=_int(), default=200_000)
+    demo.add_argument("--sentences", type=_int(), default=2_000)
     demo.add_argument("--devices", default="auto")
     demo.add_argument("--verbose", "-v", action="store_true")
 
@@ -158,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--output", help="default output URI (sets output.uri)")
     serve.add_argument("--model", help="default model (sets model.model)")
     serve.add_argument("--checkpoint", help="default checkpoint (sets model.checkpoint)")
-    serve.add_argument("--limit", type=_int("--limit"), default=None, help="most flow runs at once (default: no limit)")
+    serve.add_argument("--limit", type=_int(), default=None, help="most flow runs at once (default: no limit)")
     serve.add_argument("--verbose", "-v", action="store_true")
     return parser
 
