@@ -216,11 +216,11 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
 
 def check_up_front(config: RunConfig) -> None:
     """Everything a run can reject without scoring: parameters, files, schemas, keys, the model, the output."""
-    from batchinfer.pipeline import check_keys, check_output, prepare
+    from batchinfer.pipeline import check_keys_once, check_output, prepare
     from batchinfer.storage import Storage
 
     plan = prepare(config, check_existing=False)
-    check_keys(Storage(config.input_uri, config.storage_options), plan.partitions, config.key_column)
+    check_keys_once(Storage(config.input_uri, config.storage_options), plan.partitions, config.key_column)
     out = Storage(config.output_uri, config.storage_options)
     out.require_bucket(config.output_uri, "--output")
     if not config.overwrite:  # with --overwrite the flow replaces the old run; nothing is removed here

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 PROBABILITY_TOLERANCE = 1e-4
 NORM_TOLERANCE = 1e-3
-MISSING_KEYS_INLINE = 10_000
 
 
 @dataclass

@@ -155,6 +155,24 @@ def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tupl
     raise ConfigError(f"--model {config.model} does not record its feature names: give --features")
 
 
+_KEYS_CHECKED: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+
+
+def check_keys_once(storage: Storage, partitions: list[Partition], key_column: str) -> None:
+    """`check_keys`, skipped when this process already passed the same partitions (same fingerprints).
+
+    `batchinfer run` checks keys before Prefect starts and the flow's plan task checks them again;
+    in one process the second pass would read every key a second time for nothing.
+    """
+    identity = (key_column, tuple((p.uri, p.fingerprint) for p in partitions))
+    if identity in _KEYS_CHECKED:
+        return
+    check_keys(storage, partitions, key_column)
+    if len(_KEYS_CHECKED) > 64:  # a long-lived worker sees many inputs; keep the memory bounded
+        _KEYS_CHECKED.clear()
+    _KEYS_CHECKED.add(identity)
+
+
 def check_keys(storage: Storage, partitions: list[Partition], key_column: str) -> None:
     """Keys must be non-null and unique within and across partitions (8 bytes a row, sorted in place)."""
     total = sum(p.num_rows for p in partitions)
@@ -269,7 +287,7 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
     )
     plan = Plan(config, partitions, shards, settings, devices)
     if check_existing:
-        check_keys(in_storage, partitions, config.key_column)
+        check_keys_once(in_storage, partitions, config.key_column)
         out = Storage(config.output_uri, config.storage_options)
         check_output(out, config, model_fingerprint)
         plan.done = find_done(out, plan)

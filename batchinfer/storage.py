@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
 
-import fsspec
 from fsspec.core import url_to_fs
 
 from batchinfer.errors import InputError, StorageError, TransientStorageError
@@ -314,7 +313,3 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def filesystem_for(uri: str, storage_options: dict[str, Any] | None = None) -> fsspec.AbstractFileSystem:
-    return Storage(uri, storage_options).fs

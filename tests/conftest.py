@@ -136,6 +136,14 @@ def text(tmp_path_factory) -> dict:
     return {"input": str(root / "data"), "root": root}
 
 
+@pytest.fixture(scope="module")
+def stack(request, tmp_path_factory):
+    """The real `prefect server start` shared by the deployment and browser tests (tests/prefect_stack.py)."""
+    from tests.prefect_stack import shared_stack
+
+    return shared_stack(request.config, tmp_path_factory)
+
+
 def run_job(**kwargs):
     """Run the real flow in this process (inside the session's Prefect server)."""
     from batchinfer.cli import run_flow

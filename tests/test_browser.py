@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.prefect_stack import ARTIFACTS, BATCHINFER, PrefectStack, shared_stack
+from tests.prefect_stack import ARTIFACTS, BATCHINFER
 
 pytestmark = [pytest.mark.browser, pytest.mark.prefect_server]
 
@@ -58,11 +58,6 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
-
-
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory) -> PrefectStack:
-    return shared_stack(request.config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

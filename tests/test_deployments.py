@@ -22,7 +22,7 @@ import pytest
 from batchinfer.cli import build_parser, main, serve_parameters
 from batchinfer.config import PRECISIONS
 from flows.params import ComputeParams, InputParams, ModelParams, OutputParams
-from tests.prefect_stack import PREFECT, ROOT, PrefectStack, shared_stack
+from tests.prefect_stack import PREFECT, ROOT
 
 server = pytest.mark.prefect_server  # the tests below that talk to `prefect server start`
 
@@ -30,11 +30,6 @@ FLOW = "batch-inference"
 LOCAL_POOL = "batchinfer-local"
 K8S_TEMPLATE = ROOT / "deployments" / "k8s" / "gpu-base-job-template.json"
 GROUPS = {"input": InputParams, "model": ModelParams, "compute": ComputeParams, "output": OutputParams}
-
-
-@pytest.fixture(scope="module")
-def stack(request, tmp_path_factory) -> PrefectStack:
-    return shared_stack(request.config, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
