@@ -18,6 +18,7 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectAlreadyExists
 
 LEASE_SECONDS = 60.0  # the server's minimum; a killed process frees its slots when the lease runs out
 QUICK_RETRIES = 50
@@ -34,9 +35,24 @@ class DeviceSlots:
         self._stop = threading.Event()
         self._client = get_client(sync_client=True)
         self._client.__enter__()
-        self._client.upsert_global_concurrency_limit_by_name(name, limit)
+        self._ensure_limit()
         self._renewer = threading.Thread(target=self._renew, name="batchinfer-slot-leases", daemon=True)
         self._renewer.start()
+
+    def _ensure_limit(self) -> None:
+        """Create the limit or resize it to `limit`.
+
+        Prefect's upsert reads, then creates: two runs starting together can both find no limit,
+        and the slower create fails with ObjectAlreadyExists. The limit exists then, so upsert
+        again, which now reads it and resizes it if needed.
+        """
+        for attempt in range(3):
+            try:
+                self._client.upsert_global_concurrency_limit_by_name(self.name, self.limit)
+                return
+            except ObjectAlreadyExists:
+                if attempt == 2:
+                    raise
 
     def try_take(self) -> UUID | None:
         """A slot's lease id, or None when every slot is held (by this run or others)."""

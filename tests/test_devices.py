@@ -206,3 +206,37 @@ def test_gpu_tag_limit_is_set_and_shared_by_two_runs(tabular, tmp_path, control)
     intervals = [_interval(m) for out in outputs for m in _markers(out)]
     assert len(intervals) == 8
     assert _max_overlap(intervals) <= 2
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_runs_starting_together_all_get_the_slot_limit():
+    """Runs that start at the same moment race to create the limit; none of them may fail on it."""
+    import threading
+    import uuid
+
+    from prefect.client.orchestration import get_client
+
+    from flows.slots import DeviceSlots
+
+    name = f"gpu-race-{uuid.uuid4().hex[:8]}"
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def open_slots() -> None:
+        start.wait()
+        try:
+            with DeviceSlots(name, 3) as slots:
+                lease = slots.try_take()
+                assert lease is not None
+                slots.give_back(lease)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_slots) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).limit == 3
