@@ -33,7 +33,7 @@ from batchinfer.pipeline import Plan, start_run
 from batchinfer.planning import Shard
 from flows.params import ComputeParams, InputParams, ModelParams, OutputParams, to_config
 from flows.slots import DeviceSlots
-from tasks.shards import GPU_TAG, infer_shard, merge_run, plan_run
+from tasks.shards import GPU_TAG, Gate, infer_shard, merge_run, plan_run
 
 SLOT_POLL_SECONDS = 0.5
 
@@ -64,7 +64,8 @@ def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
 
     The flow thread holds one slot of the shared device limit per running shard (flows/slots.py):
     at most N shards of this run at once (N = devices), and at most N across every run on the
-    server that uses the same limit name.
+    server that uses the same limit name. Each device also has the next shard's task started and
+    waiting at its gate (tasks.shards.Gate), so Prefect's start-up of a task overlaps the work.
     """
     logger = get_run_logger()
     pending = list(plan.pending)
@@ -77,37 +78,51 @@ def run_shards(plan: Plan) -> dict[str, dict[str, Any]]:
         progress=_percent(plan, results), key="batchinfer-progress", description="Shards finished"
     )
     devices = len(plan.devices)
+    waiting: list[tuple[Any, Shard, Gate]] = []  # started, held at their gates until a slot is free
     running: dict[Any, tuple[Shard, UUID]] = {}
     finished_since_update = False
-    with DeviceSlots(config.concurrency_tag, devices) as slots, ThreadPoolTaskRunner(max_workers=devices) as runner:
-        while pending or running:
-            while pending and len(running) < devices and (lease := slots.try_take()) is not None:
-                shard = pending.pop(0)
-                future = runner.submit(task, {"config": config, "settings": plan.settings, "shard": shard})
-                running[future] = (shard, lease)
-            if finished_since_update:  # after submitting: the next shard need not wait for this call
-                update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
-                finished_since_update = False
-            if not running:  # other runs hold every slot
-                time.sleep(SLOT_POLL_SECONDS)
-                continue
-            finished, _ = concurrent.futures.wait(
-                [f.wrapped_future for f in running], timeout=SLOT_POLL_SECONDS, return_when="FIRST_COMPLETED"
-            )
-            if not finished:
-                continue
-            future = next(f for f in running if f.wrapped_future in finished)
-            shard, lease = running.pop(future)
-            future.wait()  # sets the final state from the future itself; the API's copy can lag behind
-            slots.give_back(lease)
-            state = future.state
-            if state.is_completed():
-                results[shard.shard_id] = future.result()
-            else:
-                reason = failure_reason(state)
-                results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
-                logger.error("shard %s failed: %s", shard.shard_id, reason)
-            finished_since_update = True
+
+    def start_waiting(runner: ThreadPoolTaskRunner) -> None:
+        while pending and len(waiting) < devices:
+            shard, gate = pending.pop(0), Gate()
+            future = runner.submit(task, {"config": config, "settings": plan.settings, "shard": shard, "gate": gate})
+            waiting.append((future, shard, gate))
+
+    with DeviceSlots(config.concurrency_tag, devices) as slots, ThreadPoolTaskRunner(max_workers=2 * devices) as runner:
+        try:
+            start_waiting(runner)
+            while waiting or running:
+                while waiting and len(running) < devices and (lease := slots.try_take()) is not None:
+                    future, shard, gate = waiting.pop(0)
+                    gate.open()
+                    running[future] = (shard, lease)
+                start_waiting(runner)
+                if finished_since_update:  # after starting shards: they need not wait for this call
+                    update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
+                    finished_since_update = False
+                if not running:  # other runs hold every slot
+                    time.sleep(SLOT_POLL_SECONDS)
+                    continue
+                finished, _ = concurrent.futures.wait(
+                    [f.wrapped_future for f in running], timeout=SLOT_POLL_SECONDS, return_when="FIRST_COMPLETED"
+                )
+                if not finished:
+                    continue
+                future = next(f for f in running if f.wrapped_future in finished)
+                shard, lease = running.pop(future)
+                future.wait()  # sets the final state from the future itself; the API's copy can lag behind
+                slots.give_back(lease)
+                state = future.state
+                if state.is_completed():
+                    results[shard.shard_id] = future.result()
+                else:
+                    reason = failure_reason(state)
+                    results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
+                    logger.error("shard %s failed: %s", shard.shard_id, reason)
+                finished_since_update = True
+        finally:
+            for _, _, gate in waiting:  # the run is stopping: let the held tasks end without scoring
+                gate.cancel()
         if finished_since_update:
             update_progress_artifact(artifact_id=progress_id, progress=_percent(plan, results))
     return results

@@ -7,10 +7,12 @@ cache, so a retried or re-triggered run skips finished shards however it starts.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled
 
 from batchinfer.config import RunConfig
 from batchinfer.errors import BatchInferError
@@ -42,6 +44,32 @@ def plan_run(config: RunConfig) -> Plan:
     return prepare(config)
 
 
+class Gate:
+    """Holds a started shard task until the flow has a device slot for it.
+
+    The flow starts the next shard's task while the current one still runs, so Prefect's own
+    start-up of a task (its run record, its state events, the `gpu` tag's concurrency check,
+    which waits 2 s whenever a SQLite-backed server answers "database is locked") overlaps the
+    work instead of delaying the next shard.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._go = False
+
+    def open(self) -> None:
+        self._go = True
+        self._event.set()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def wait(self) -> bool:
+        """True once opened; False if the run stopped before this shard got a device."""
+        self._event.wait()
+        return self._go
+
+
 @task(
     name="infer-shard",
     tags=[GPU_TAG],
@@ -51,8 +79,13 @@ def plan_run(config: RunConfig) -> Plan:
     retry_condition_fn=retry_transient,
     task_run_name="shard-{shard.shard_id}",
 )
-def infer_shard(config: RunConfig, settings: ShardSettings, shard: Shard) -> dict[str, Any]:
-    """Score one shard on one device and commit it (data first, marker last)."""
+def infer_shard(config: RunConfig, settings: ShardSettings, shard: Shard, gate: Gate | None = None) -> Any:
+    """Score one shard on one device and commit it (data first, marker last).
+
+    With a `gate`, wait until the flow opens it (a device slot is held for this shard).
+    """
+    if gate is not None and not gate.wait():
+        return Cancelled(message=f"shard {shard.shard_id} not started: the run stopped first")
     return run_shard(config, settings, shard).to_dict()
 
 

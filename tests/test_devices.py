@@ -240,3 +240,47 @@ def test_runs_starting_together_all_get_the_slot_limit():
     assert errors == []
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name(name).limit == 3
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_next_shard_task_starts_while_the_current_shard_runs(tabular, tmp_path, control, monkeypatch):
+    """One device: each next shard's task is already started (held at its gate) before the shard
+    before it finishes, so Prefect's task start-up is off the critical path; shards never overlap."""
+    import time
+
+    import tasks.shards
+
+    (control / "sleep").write_text("0.3")
+    gates: list = []
+    reached: dict[int, float] = {}
+
+    class RecordingGate(tasks.shards.Gate):
+        def __init__(self) -> None:
+            super().__init__()
+            self.index = len(gates)
+            gates.append(self)
+
+        def wait(self) -> bool:
+            reached[self.index] = time.monotonic()  # the clock of the pool's lease records
+            return super().wait()
+
+    monkeypatch.setattr(tasks.shards, "Gate", RecordingGate)
+    monkeypatch.setattr("flows.batch_inference.Gate", RecordingGate)
+    output = tmp_path / "out"
+    pool = pool_for(discover("fake:1"))
+    history_before = len(pool.history)
+    run_job(
+        input_uri=tabular["input"],
+        output_uri=str(output),
+        model=MODEL,
+        features=FEATURES,
+        devices="fake:1",
+        shard_rows=5_000,
+        batch_size=1_000,
+    )
+    history = sorted(pool.history[history_before:], key=lambda r: r.start)
+    assert len(history) == len(gates) == 4
+    assert _max_overlap([(r.start, r.end) for r in history]) == 1
+    for previous, index in zip(history, range(1, 4), strict=False):
+        assert reached[index] < previous.end, f"the task of shard {index + 1} started only after shard {index} ended"
+    assert all(gate._event.is_set() for gate in gates)  # no task left waiting
