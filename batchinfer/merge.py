@@ -10,10 +10,7 @@ committed only if every check passed; `manifest.json` follows, `_SUCCESS` last.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -33,7 +30,6 @@ from batchinfer.writer import open_writer
 
 log = logging.getLogger(__name__)
 
-VALIDATE_WORKERS = max(1, min(4, os.cpu_count() or 1))
 PROBABILITY_TOLERANCE = 1e-4
 NORM_TOLERANCE = 1e-3
 
@@ -133,50 +129,31 @@ def _write_parts(
     report: RunReport,
     stack: ExitStack,
 ) -> set[int]:
-    """Validate every committed shard and write the merged parts, in plan order.
-
-    Shards are validated `VALIDATE_WORKERS` at a time (decoding and the checks release the GIL);
-    at most that many validated shards wait in memory. The first failure in plan order is raised.
-    """
     written: set[int] = set()
     by_partition: dict[int, list[Shard]] = {}
     for shard in plan.shards:
         if shard.shard_id in markers:
             by_partition.setdefault(shard.partition_index, []).append(shard)
-    ordered = [shard for _, shards in sorted(by_partition.items()) for shard in shards]
-
-    def validate(shard: Shard) -> tuple[pa.Table, bytes, int]:
-        return _validated_shard(plan, shard, markers[shard.shard_id], storage, in_storage, layout)
-
-    with ThreadPoolExecutor(max_workers=VALIDATE_WORKERS, thread_name_prefix="batchinfer-validate") as pool:
-        futures: deque[Future] = deque()
-        upcoming = iter(ordered)
+    for index, shards in sorted(by_partition.items()):
+        tmp = stack.enter_context(storage.atomic_local_file(layout.part(index), suffix=".parquet"))
+        writer: pq.ParquetWriter | None = None
         try:
-            for index, shards in sorted(by_partition.items()):
-                tmp = stack.enter_context(storage.atomic_local_file(layout.part(index), suffix=".parquet"))
-                writer: pq.ParquetWriter | None = None
-                try:
-                    for _ in shards:
-                        while len(futures) < VALIDATE_WORKERS and (shard := next(upcoming, None)) is not None:
-                            futures.append(pool.submit(validate, shard))
-                        table, data, errors = futures.popleft().result()
-                        report.rows_out += table.num_rows
-                        report.rows_error += errors
-                        if len(shards) == 1:
-                            # One shard makes the whole part: its validated bytes are the part (no decode-encode).
-                            with open(tmp, "wb") as handle:
-                                handle.write(data)
-                            continue
-                        if writer is None:
-                            writer = open_writer(tmp, table.schema, "zstd")
-                        writer.write_table(table, row_group_size=65_536)
-                finally:
-                    if writer is not None:
-                        writer.close()
-                written.add(index)
+            for shard in shards:
+                table, data = _validated_shard(
+                    plan, shard, markers[shard.shard_id], storage, in_storage, layout, report
+                )
+                if len(shards) == 1:
+                    # One shard makes the whole part: its validated bytes are the part (no decode-encode again).
+                    with open(tmp, "wb") as handle:
+                        handle.write(data)
+                    continue
+                if writer is None:
+                    writer = open_writer(tmp, table.schema, "zstd")
+                writer.write_table(table, row_group_size=65_536)
         finally:
-            for future in futures:
-                future.cancel()
+            if writer is not None:
+                writer.close()
+        written.add(index)
     for name in ("schema", "row counts", "keys match the input", "finite", "probabilities sum to 1 / unit norm"):
         report.checks.append(Check(name, True))
     return written
@@ -189,8 +166,9 @@ def _validated_shard(
     storage: Storage,
     in_storage: Storage,
     layout: Layout,
-) -> tuple[pa.Table, bytes, int]:
-    """The shard's output table, checked against the plan and the input, the file's bytes, its error rows."""
+    report: RunReport,
+) -> tuple[pa.Table, bytes]:
+    """The shard's output table, checked against the plan and the input, and the file's bytes."""
     settings = plan.settings
     where = f"shard {shard.shard_id} ({shard.partition_uri})"
     try:
@@ -227,7 +205,9 @@ def _validated_shard(
             f"planned {shard.num_rows}, marker says {marker.get('rows_out')}"
         )
     _check_values(plan, table, where)
-    return table, data, len(errors)
+    report.rows_out += table.num_rows
+    report.rows_error += len(errors)
+    return table, data
 
 
 def _error_keys(storage: Storage, layout: Layout, shard: Shard, key: str, where: str) -> pl.Series:
