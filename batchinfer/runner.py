@@ -103,8 +103,12 @@ def score_shard(
     with pool.lease(shard.shard_id) as device:
         stats = ShardStats(shard.shard_id, shard.partition_uri, device=device.name, started_at=_now())
         start = time.perf_counter()
-        predictor, stats.model_loaded = pool.model(device, spec)
-        _score_and_commit(shard, settings, spec, predictor, device, storage, stats)
+
+        def work() -> None:  # on the device's own thread: loading and scoring
+            predictor, stats.model_loaded = pool.model(device, spec)
+            _score_and_commit(shard, settings, spec, predictor, device, storage, stats)
+
+        pool.run(device, work)
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
         _write_marker(shard, settings, spec, stats, storage)

@@ -6,7 +6,8 @@ The folder is named by the environment variable BATCHINFER_TEST_CONTROL. Files i
   (deterministic, ValueError) or `connection` (transient, ConnectionError); `once` deletes the file first;
 - `nan`: "LO HI": return NaN for ids in [LO, HI);
 - `loads`: one line appended per load(device), naming the device;
-- `calls`: one line appended per predict call that raised.
+- `calls`: one line appended per predict call that raised;
+- `threads`: if present, one line appended per load and predict call, naming the calling thread.
 The first feature is the `id` column, so the model knows which rows it scores.
 """
 
@@ -40,11 +41,17 @@ class ControlledModel:
 
     def load(self, device: torch.device) -> ControlledModel:
         _append("loads", str(device))
+        self._record_thread()
         generator = torch.Generator().manual_seed(7)
         self.weight = torch.randn(len(FEATURES) - 1, 3, generator=generator).to(device)
         return self
 
+    def _record_thread(self) -> None:
+        if (_control() / "threads").exists():
+            _append("threads", str(threading.get_ident()))
+
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        self._record_thread()
         control = _control()
         ids = batch[:, 0].to(torch.int64)
         sleep = control / "sleep"

@@ -284,3 +284,22 @@ def test_next_shard_task_starts_while_the_current_shard_runs(tabular, tmp_path, 
     for previous, index in zip(history, range(1, 4), strict=False):
         assert reached[index] < previous.end, f"the task of shard {index + 1} started only after shard {index} ended"
     assert all(gate._event.is_set() for gate in gates)  # no task left waiting
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_each_device_runs_all_its_torch_work_on_one_thread(tabular, tmp_path, control):
+    """Shards reach a device from different Prefect worker threads; loading and scoring still happen on
+    the device's own thread (one libgomp thread team per device), a different one for each device."""
+    (control / "threads").write_text("")
+    run_job(
+        input_uri=tabular["input"],
+        output_uri=str(tmp_path / "out"),
+        model=MODEL,
+        features=FEATURES,
+        devices="fake:2",
+        shard_rows=2_500,
+        batch_size=500,
+    )
+    calls = (control / "threads").read_text().split()
+    assert len(calls) > 8 * 5  # 8 shards of 5 batches, plus the loads
+    assert len(set(calls)) == 2  # one thread per device, however many worker threads Prefect used
