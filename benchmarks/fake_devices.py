@@ -28,6 +28,9 @@ def main() -> None:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     root = Path(tempfile.mkdtemp(prefix="bench-devices-"))
+    # A fresh embedded server unless one is named: limits left in ~/.prefect (a `gpu` tag limit, say) apply.
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(root / "prefect-home"))
     control = root / "control"
     control.mkdir()
     os.environ["BATCHINFER_TEST_CONTROL"] = str(control)
