@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -158,8 +158,8 @@ class DevicePool:
                 self.held.pop(device.name, None)
             self._free.put(device)
 
-    def run(self, device: Device, fn: Callable[[], T]) -> T:
-        """Run `fn` on the device's own long-lived thread, with the caller's torch thread count and context.
+    def start(self, device: Device, fn: Callable[[], T]) -> Future[T]:
+        """Start `fn` on the device's own long-lived thread, with the caller's torch thread count and context.
 
         Shards arrive on whichever thread the scheduler picked, but libgomp keeps one thread team for
         every thread that ever ran a parallel torch op; once team threads outnumber the cores it stops
@@ -180,7 +180,11 @@ class DevicePool:
                 torch.set_num_threads(threads)
             return context.run(fn)
 
-        return executor.submit(call).result()
+        return executor.submit(call)
+
+    def run(self, device: Device, fn: Callable[[], T]) -> T:
+        """`start` and wait for the result (or the exception)."""
+        return self.start(device, fn).result()
 
     def model(self, device: Device, spec: ModelSpec) -> tuple[Predictor, bool]:
         """The model loaded on `device` (loading it at most once); returns (predictor, loaded_now)."""

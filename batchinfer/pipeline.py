@@ -326,6 +326,22 @@ def _rows(plan: Plan, shard_id: str) -> int:
     return next(s.num_rows for s in plan.shards if s.shard_id == shard_id)
 
 
+def preload_models(plan: Plan) -> None:
+    """Start loading the model on every device, each on its device's thread, without waiting.
+
+    The load then overlaps the rest of the run's start-up (the first shards' tasks, the artifacts);
+    a shard runs after its device's load. A load that fails here fails again, with its message, in
+    the first shard that needs it.
+    """
+    if not plan.pending:
+        return
+    configure_threads(plan.devices, plan.config.cpu_threads)
+    pool = pool_for(plan.devices)
+    spec = model_spec(plan.config)
+    for device in plan.devices:
+        pool.start(device, functools.partial(pool.model, device, spec))
+
+
 def run_shard(plan_config: RunConfig, settings: ShardSettings, shard: Shard) -> ShardStats:
     """Score one shard on a device lent by this process's pool."""
     devices = discover(plan_config.devices)

@@ -29,7 +29,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from batchinfer.merge import RunReport
-from batchinfer.pipeline import Plan, start_run
+from batchinfer.pipeline import Plan, preload_models, start_run
 from batchinfer.planning import Shard
 from flows.params import ComputeParams, InputParams, ModelParams, OutputParams, to_config
 from flows.slots import DeviceSlots
@@ -212,6 +212,7 @@ def batch_inference(
         )
 
         start_run(plan)
+        preload_models(plan)
         results = run_shards(plan)
         report = merge_run(plan, results)
         publish(plan, results, report)

@@ -303,3 +303,42 @@ def test_each_device_runs_all_its_torch_work_on_one_thread(tabular, tmp_path, co
     calls = (control / "threads").read_text().split()
     assert len(calls) > 8 * 5  # 8 shards of 5 batches, plus the loads
     assert len(set(calls)) == 2  # one thread per device, however many worker threads Prefect used
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_the_model_loads_before_the_first_shard_task_starts(tabular, tmp_path, control, monkeypatch):
+    """The model load starts on each device as soon as the plan is known, overlapping the start-up of
+    the first shards' tasks, instead of inside the first shard."""
+    import time
+
+    import tasks.shards
+    from batchinfer.devices import DevicePool
+
+    loading: list[float] = []
+    original = DevicePool.model
+
+    def model(self, device, spec):
+        loading.append(time.monotonic())
+        return original(self, device, spec)
+
+    reached: list[float] = []
+
+    class RecordingGate(tasks.shards.Gate):
+        def wait(self) -> bool:
+            reached.append(time.monotonic())
+            return super().wait()
+
+    monkeypatch.setattr(DevicePool, "model", model)
+    monkeypatch.setattr("flows.batch_inference.Gate", RecordingGate)
+    run_job(
+        input_uri=tabular["input"],
+        output_uri=str(tmp_path / "out"),
+        model=MODEL,
+        features=FEATURES,
+        devices="fake:2",
+        shard_rows=5_000,
+        batch_size=1_000,
+    )
+    assert len(reached) == 4
+    assert len(loading) >= 2  # one per device up front, then one per shard (finding it loaded)
+    assert sorted(loading)[1] < min(reached)  # both loads began before any shard task started
