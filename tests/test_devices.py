@@ -39,6 +39,19 @@ def _max_overlap(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
+def _run_controlled(tabular: dict, output: str, devices: str, *, shard_rows: int, batch_size: int) -> dict:
+    """The real flow over the tabular data with the controlled test model."""
+    return run_job(
+        input_uri=tabular["input"],
+        output_uri=str(output),
+        model=MODEL,
+        features=FEATURES,
+        devices=devices,
+        shard_rows=shard_rows,
+        batch_size=batch_size,
+    )
+
+
 def test_discover_cpu_and_fake_devices():
     assert [d.name for d in discover("cpu")] == ["cpu"]
     assert [d.name for d in discover("fake:3")] == ["fake:0", "fake:1", "fake:2"]
@@ -120,15 +133,7 @@ def test_fake_devices_through_the_flow(tabular, tmp_path, control):
     pool = pool_for(discover("fake:3"))
     history_before = len(pool.history)
     with pytest.raises(Exception, match="injected failure"):
-        run_job(
-            input_uri=tabular["input"],
-            output_uri=str(output),
-            model=MODEL,
-            features=FEATURES,
-            devices="fake:3",
-            shard_rows=2_000,
-            batch_size=500,
-        )
+        _run_controlled(tabular, str(output), "fake:3", shard_rows=2_000, batch_size=500)
     history = pool.history[history_before:]
     assert len(history) == 12
     assert pool.held == {}
@@ -269,15 +274,7 @@ def test_next_shard_task_starts_while_the_current_shard_runs(tabular, tmp_path, 
     output = tmp_path / "out"
     pool = pool_for(discover("fake:1"))
     history_before = len(pool.history)
-    run_job(
-        input_uri=tabular["input"],
-        output_uri=str(output),
-        model=MODEL,
-        features=FEATURES,
-        devices="fake:1",
-        shard_rows=5_000,
-        batch_size=1_000,
-    )
+    _run_controlled(tabular, str(output), "fake:1", shard_rows=5_000, batch_size=1_000)
     history = sorted(pool.history[history_before:], key=lambda r: r.start)
     assert len(history) == len(gates) == 4
     assert _max_overlap([(r.start, r.end) for r in history]) == 1
@@ -291,15 +288,7 @@ def test_each_device_runs_all_its_torch_work_on_one_thread(tabular, tmp_path, co
     """Shards reach a device from different Prefect worker threads; loading and scoring still happen on
     the device's own thread (one libgomp thread team per device), a different one for each device."""
     (control / "threads").write_text("")
-    run_job(
-        input_uri=tabular["input"],
-        output_uri=str(tmp_path / "out"),
-        model=MODEL,
-        features=FEATURES,
-        devices="fake:2",
-        shard_rows=2_500,
-        batch_size=500,
-    )
+    _run_controlled(tabular, str(tmp_path / "out"), "fake:2", shard_rows=2_500, batch_size=500)
     calls = (control / "threads").read_text().split()
     assert len(calls) > 8 * 5  # 8 shards of 5 batches, plus the loads
     assert len(set(calls)) == 2  # one thread per device, however many worker threads Prefect used
@@ -330,15 +319,7 @@ def test_the_model_loads_before_the_first_shard_task_starts(tabular, tmp_path, c
 
     monkeypatch.setattr(DevicePool, "model", model)
     monkeypatch.setattr("flows.batch_inference.Gate", RecordingGate)
-    run_job(
-        input_uri=tabular["input"],
-        output_uri=str(tmp_path / "out"),
-        model=MODEL,
-        features=FEATURES,
-        devices="fake:2",
-        shard_rows=5_000,
-        batch_size=1_000,
-    )
+    _run_controlled(tabular, str(tmp_path / "out"), "fake:2", shard_rows=5_000, batch_size=1_000)
     assert len(reached) == 4
     assert len(loading) >= 2  # one per device up front, then one per shard (finding it loaded)
     assert sorted(loading)[1] < min(reached)  # both loads began before any shard task started
