@@ -338,7 +338,7 @@ def preload_models(plan: Plan) -> None:
     configure_threads(plan.devices, plan.config.cpu_threads)
     pool = pool_for(plan.devices)
     spec = model_spec(plan.config)
-    for device in plan.devices:
+    for device in plan.devices[: len(plan.pending)]:  # a rerun of one shard needs one device, not all
         pool.start(device, functools.partial(pool.model, device, spec))
 
 

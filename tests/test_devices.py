@@ -320,7 +320,16 @@ def test_the_model_loads_before_the_first_shard_task_starts(tabular, tmp_path, c
 
     monkeypatch.setattr(DevicePool, "model", model)
     monkeypatch.setattr("flows.batch_inference.Gate", RecordingGate)
-    _run_controlled(tabular, str(tmp_path / "out"), "fake:2", shard_rows=5_000, batch_size=1_000)
+    output = tmp_path / "out"
+    _run_controlled(tabular, str(output), "fake:2", shard_rows=5_000, batch_size=1_000)
     assert len(reached) == 4
-    assert len(loading) >= 2  # one per device up front, then one per shard (finding it loaded)
+    assert len(loading) == 2 + 4  # one per device up front, then one per shard (finding it loaded)
     assert sorted(loading)[1] < min(reached)  # both loads began before any shard task started
+
+    # A rerun of one shard loads the model on one device only.
+    next((output / "markers").glob("*.json")).unlink()
+    loading.clear()
+    reached.clear()
+    _run_controlled(tabular, str(output), "fake:2", shard_rows=5_000, batch_size=1_000)
+    assert len(reached) == 1
+    assert len(loading) == 1 + 1
