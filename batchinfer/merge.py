@@ -108,11 +108,13 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
     try:
         _check_input_unchanged(plan, in_storage, report)
         with ExitStack() as stack:
-            written = _write_parts(plan, markers, storage, in_storage, layout, report, stack)
+            written, copies = _write_parts(plan, markers, storage, in_storage, layout, report, stack)
         report.parts = len(written)
     except _Invalid as exc:
         report.failures.insert(0, str(exc))
         return _finish(plan, storage, layout, report, results, started, state="invalid")
+    for shard_uri, part_uri in copies:  # only once every shard passed, like the parts written above
+        storage.copy(shard_uri, part_uri)
     _remove_stale(plan, storage, layout, written)
     if failed:
         report.missing_keys = _record_missing(plan, failed, storage, in_storage, layout)
@@ -128,25 +130,29 @@ def _write_parts(
     layout: Layout,
     report: RunReport,
     stack: ExitStack,
-) -> set[int]:
+) -> tuple[set[int], list[tuple[str, str]]]:
+    """Validate every committed shard; write the parts of several shards, list the one-shard parts.
+
+    A part made of one shard is that shard's file: it is returned as a (shard, part) pair to copy once
+    every shard has passed, without decoding and encoding it again or writing its bytes a second time.
+    """
     written: set[int] = set()
+    copies: list[tuple[str, str]] = []
     by_partition: dict[int, list[Shard]] = {}
     for shard in plan.shards:
         if shard.shard_id in markers:
             by_partition.setdefault(shard.partition_index, []).append(shard)
     for index, shards in sorted(by_partition.items()):
+        if len(shards) == 1:
+            _validated_shard(plan, shards[0], markers[shards[0].shard_id], storage, in_storage, layout, report)
+            copies.append((layout.shard(shards[0].shard_id), layout.part(index)))
+            written.add(index)
+            continue
         tmp = stack.enter_context(storage.atomic_local_file(layout.part(index), suffix=".parquet"))
         writer: pq.ParquetWriter | None = None
         try:
             for shard in shards:
-                table, data = _validated_shard(
-                    plan, shard, markers[shard.shard_id], storage, in_storage, layout, report
-                )
-                if len(shards) == 1:
-                    # One shard makes the whole part: its validated bytes are the part (no decode-encode again).
-                    with open(tmp, "wb") as handle:
-                        handle.write(data)
-                    continue
+                table = _validated_shard(plan, shard, markers[shard.shard_id], storage, in_storage, layout, report)
                 if writer is None:
                     writer = open_writer(tmp, table.schema, "zstd")
                 writer.write_table(table, row_group_size=65_536)
@@ -156,7 +162,7 @@ def _write_parts(
         written.add(index)
     for name in ("schema", "row counts", "keys match the input", "finite", "probabilities sum to 1 / unit norm"):
         report.checks.append(Check(name, True))
-    return written
+    return written, copies
 
 
 def _validated_shard(
@@ -167,8 +173,8 @@ def _validated_shard(
     in_storage: Storage,
     layout: Layout,
     report: RunReport,
-) -> tuple[pa.Table, bytes]:
-    """The shard's output table, checked against the plan and the input, and the file's bytes."""
+) -> pa.Table:
+    """The shard's output table, checked against the plan and the input."""
     settings = plan.settings
     where = f"shard {shard.shard_id} ({shard.partition_uri})"
     try:
@@ -207,7 +213,7 @@ def _validated_shard(
     _check_values(plan, table, where)
     report.rows_out += table.num_rows
     report.rows_error += len(errors)
-    return table, data
+    return table
 
 
 def _error_keys(storage: Storage, layout: Layout, shard: Shard, key: str, where: str) -> pl.Series:

@@ -7,6 +7,7 @@ committed, `_SUCCESS` is not written, and the flow ends Failed.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,3 +184,29 @@ def test_flow_rerun_fails_on_a_tampered_shard(data: Path, tmp_path: Path) -> Non
         run_job(**job(data, output, shard_rows=400))
     assert victim in str(failure.value) and f"keys check failed: key {key!r} appears twice" in str(failure.value)
     assert not (output / "_SUCCESS").exists()
+
+
+def test_one_shard_parts_are_the_shard_files(data: Path, tmp_path: Path) -> None:
+    """A partition scored as one shard: its merged part is that shard's file (a hard link on a local
+    disk: no second write), byte for byte."""
+    output = tmp_path / "out"
+    plan = prepare_started(**job(data, output, shard_rows=ROWS_PER_PARTITION))
+    score_pending(plan)
+    assert merge_and_validate(plan).ok
+    layout = Layout(str(output))
+    assert len(plan.shards) == 2
+    for shard in plan.shards:
+        part, own = Path(layout.part(shard.partition_index)), Path(layout.shard(shard.shard_id))
+        assert part.read_bytes() == own.read_bytes()
+        assert os.path.samefile(part, own)
+    assert not [p for p in (output / "predictions").iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_one_shard_parts_are_committed_only_when_every_shard_passes(data: Path, tmp_path: Path) -> None:
+    """The first partition's shard is fine and the second is tampered with: no part at all is committed."""
+    output = tmp_path / "out"
+    plan = prepare_started(**job(data, output, shard_rows=ROWS_PER_PARTITION))
+    score_pending(plan)
+    victim = plan.shards[1].shard_id
+    key = tamper(output, victim, drop_row)
+    assert_refused(output, merge_and_validate(plan), victim, f"keys check failed: key {key!r} is missing")
