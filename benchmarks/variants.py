@@ -195,23 +195,30 @@ def _ray_start(params: dict[str, Any]) -> float:
 @variant("mlp-ray")
 def mlp_ray(params: dict[str, Any]) -> dict[str, Any]:
     """Ray Data: read_parquet -> map_batches(callable class, actor pool) -> write_parquet."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     from batchinfer.demo import FEATURE_NAMES
 
     init = _ray_start(params)
-    out_dir = _fresh(params["output"])
     features = FEATURE_NAMES if params.get("layout", "columns") == "columns" else None
     columns = ["id", *(features or ["features"])]
+    actors = params["ray_actors"]
+    constructor = (params["checkpoint"], max(1, params["threads"] // actors), params["batch_size"], features)
+    return _ray_pipeline(params, columns, _RayMLP, constructor, init)
+
+
+def _ray_pipeline(params: dict[str, Any], columns: list[str], actor: type, args: tuple, init: float) -> dict[str, Any]:
+    """read_parquet -> map_batches(actor class, actor pool) -> write_parquet, timed; Ray is shut down after."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    out_dir = _fresh(params["output"])
     actors = params["ray_actors"]
     start = time.perf_counter()
     ds = ray.data.read_parquet(params["input"], columns=columns)
     if params.get("ray_blocks"):
         ds = ds.repartition(params["ray_blocks"])
     ds = ds.map_batches(
-        _RayMLP,
-        fn_constructor_args=(params["checkpoint"], max(1, params["threads"] // actors), params["batch_size"], features),
+        actor,
+        fn_constructor_args=args,
         batch_size=params["ray_batch_rows"],
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=actors),
@@ -433,28 +440,9 @@ class _RayMiniLM:
 
 @variant("minilm-ray")
 def minilm_ray(params: dict[str, Any]) -> dict[str, Any]:
-    import ray
-    from ray.data import ActorPoolStrategy
-
     init = _ray_start(params)
-    out_dir = _fresh(params["output"])
-    actors = params["ray_actors"]
-    start = time.perf_counter()
-    ds = ray.data.read_parquet(params["input"], columns=["id", "text"])
-    if params.get("ray_blocks"):
-        ds = ds.repartition(params["ray_blocks"])
-    ds = ds.map_batches(
-        _RayMiniLM,
-        fn_constructor_args=(max(1, params["threads"] // actors), params["batch_size"]),
-        batch_size=params["ray_batch_rows"],
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=0.5,
-    )
-    ds.write_parquet(str(out_dir))
-    seconds = time.perf_counter() - start
-    ray.shutdown()
-    return {"rows": _rows_written(out_dir), "seconds": seconds, "startup_seconds": init, "actors": actors}
+    constructor = (max(1, params["threads"] // params["ray_actors"]), params["batch_size"])
+    return _ray_pipeline(params, ["id", "text"], _RayMiniLM, constructor, init)
 
 
 @variant("minilm-precision")

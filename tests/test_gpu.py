@@ -19,53 +19,25 @@ pytestmark = [
 ]
 
 
-def test_flow_on_all_gpus_matches_cpu(tabular, tmp_path):
-    gpu = run_job(
-        input_uri=tabular["input"],
-        output_uri=str(tmp_path / "gpu"),
-        model="mlp",
-        checkpoint=tabular["checkpoint"],
-        devices="auto",
-        shard_rows=2_000,
-    )
-    cpu = run_job(
-        input_uri=tabular["input"],
-        output_uri=str(tmp_path / "cpu"),
-        model="mlp",
-        checkpoint=tabular["checkpoint"],
-        devices="cpu",
-        shard_rows=2_000,
-    )
+def _gpu_against_cpu(tmp_path: Path, gpu_devices: str, column: str, **job) -> float:
+    """Run the same job on `gpu_devices` and on the CPU; both must succeed. The largest difference in `column`."""
+    gpu = run_job(output_uri=str(tmp_path / "gpu"), devices=gpu_devices, **job)
+    cpu = run_job(output_uri=str(tmp_path / "cpu"), devices="cpu", **job)
     assert gpu["ok"] and cpu["ok"]
     a = pl.read_parquet(f"{tmp_path / 'gpu'}/predictions/*.parquet").sort("id")
     b = pl.read_parquet(f"{tmp_path / 'cpu'}/predictions/*.parquet").sort("id")
-    diff = np.abs(np.stack(a["probabilities"].to_list()) - np.stack(b["probabilities"].to_list())).max()
-    assert diff <= 1e-4
+    return float(np.abs(np.stack(a[column].to_list()) - np.stack(b[column].to_list())).max())
+
+
+def test_flow_on_all_gpus_matches_cpu(tabular, tmp_path):
+    job = {"input_uri": tabular["input"], "model": "mlp", "checkpoint": tabular["checkpoint"], "shard_rows": 2_000}
+    assert _gpu_against_cpu(tmp_path, "auto", "probabilities", **job) <= 1e-4
     devices = {json.loads(p.read_text())["device"] for p in (tmp_path / "gpu" / "markers").glob("*.json")}
     assert len(devices) == min(torch.cuda.device_count(), 12)  # 12 shards spread over every GPU
     assert all(d.startswith("cuda:") for d in devices)
 
 
 def test_minilm_on_gpu_matches_cpu(text, tmp_path):
-    gpu = run_job(
-        input_uri=text["input"],
-        output_uri=str(tmp_path / "gpu"),
-        model="minilm",
-        text_column="text",
-        devices="cuda:0",
-        batch_size=32,
-    )
-    cpu = run_job(
-        input_uri=text["input"],
-        output_uri=str(tmp_path / "cpu"),
-        model="minilm",
-        text_column="text",
-        devices="cpu",
-        batch_size=32,
-    )
-    assert gpu["ok"] and cpu["ok"]
-    a = pl.read_parquet(f"{tmp_path / 'gpu'}/predictions/*.parquet").sort("id")
-    b = pl.read_parquet(f"{tmp_path / 'cpu'}/predictions/*.parquet").sort("id")
-    diff = np.abs(np.stack(a["embedding"].to_list()) - np.stack(b["embedding"].to_list())).max()
-    assert diff <= 1e-3
+    job = {"input_uri": text["input"], "model": "minilm", "text_column": "text", "batch_size": 32}
+    assert _gpu_against_cpu(tmp_path, "cuda:0", "embedding", **job) <= 1e-3
     assert Path(tmp_path / "gpu" / "_SUCCESS").exists()
