@@ -31,6 +31,11 @@ from batchinfer import demo  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def python_path() -> str:
+    """PYTHONPATH for a child process: the repository, then whatever this process was given."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, python_path
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -63,7 +63,7 @@ class PrefectStack:
             HF_HUB_OFFLINE="1",
             TOKENIZERS_PARALLELISM="false",
             # flow runs import `tests.flaky_model` whatever their working directory
-            PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+            PYTHONPATH=python_path(),
         )
         env.update(extra or {})
         return env

@@ -14,7 +14,7 @@ import torch
 
 from batchinfer.devices import Device, DevicePool, discover, pool_for
 from batchinfer.errors import DeviceError
-from tests.conftest import ROOT, run_job
+from tests.conftest import ROOT, python_path, run_job
 from tests.faulty_models import FEATURES
 
 MODEL = "tests.faulty_models:factory"
@@ -167,7 +167,7 @@ def test_gpu_tag_limit_is_set_and_shared_by_two_runs(tabular, tmp_path, control)
     env = {
         **os.environ,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": python_path(),
         "BATCHINFER_TEST_CONTROL": str(control),
     }
     outputs = [tmp_path / "a", tmp_path / "b"]

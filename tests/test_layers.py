@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python_path
 from tests.core_helpers import GOOD_MODEL, write_features
 
 IMPORT_ALL = """
@@ -35,7 +35,7 @@ print(json.dumps({"code": code, "prefect": sorted(m for m in sys.modules if m.sp
 
 def python(code: str, *args: str) -> tuple[dict, str]:
     """Run code in a fresh interpreter at the repository root; return the JSON it prints last, and all it printed."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": python_path()}
     done = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )

@@ -21,7 +21,7 @@ import pytest
 
 from batchinfer.cli import RunFailed, main
 from batchinfer.errors import InputError
-from tests.conftest import ROOT, free_port, run_job
+from tests.conftest import ROOT, free_port, python_path, run_job
 from tests.faulty_models import FEATURES
 from tests.proxy import Proxy
 
@@ -161,7 +161,7 @@ def test_sigkill_mid_shard_then_rerun(data, tmp_path, control, clean):
 
     output = tmp_path / "out"
     (control / "sleep").write_text("0.25")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": python_path()}
     args = [
         sys.executable,
         "-m",
