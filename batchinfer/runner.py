@@ -351,22 +351,24 @@ def _predict_texts(
         return predictor.predict([texts[i] for i in index])
 
     size = batch_size_for(settings, spec, device)
-    result: np.ndarray | None = None
+    # The rows are put back in input order where the model left them (on the GPU, say), and the whole
+    # chunk comes back to the host once: no wait for the device after every batch.
+    result: torch.Tensor | None = None
     start = 0
     with torch.inference_mode():
         while start < count:
             index = order[start : start + size]
             try:
-                out = _as_output(run(index), len(index)).cpu().numpy()
+                out = _as_output(run(index), len(index))
             except torch.OutOfMemoryError as exc:
                 size = _out_of_memory(exc, size, settings, spec, device)
                 continue
             if result is None:
-                result = np.empty((count, out.shape[1]), dtype=np.float32)
-            result[index] = out
+                result = torch.empty((count, out.shape[1]), dtype=torch.float32, device=out.device)
+            result[torch.from_numpy(index).to(out.device, non_blocking=True)] = out
             start += len(index)
     assert result is not None
-    return result
+    return result.cpu().numpy()
 
 
 def _as_output(value: Any, rows: int) -> torch.Tensor:

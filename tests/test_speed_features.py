@@ -325,6 +325,31 @@ def test_minilm_shard_matches_one_sentence_at_a_time(tmp_path: Path):
     assert cosine.min() > 0.9999
 
 
+def test_minilm_tokenizes_in_pieces_on_threads_with_the_same_ids_and_padding():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchinfer.models import minilm
+
+    predictor = minilm.resolve(precision="fp32").load(torch.device("cpu"))
+    texts = demo.sentences(3 * minilm.TOKENIZE_PIECE + 7, seed=8) + ["", "word " * 400]  # empty, and truncated
+    wrapper = predictor.tokenizer(texts, truncation=True, max_length=predictor.max_length)["input_ids"]
+    assert predictor._pool is None  # the CPU: one thread, the cores run the model
+    assert predictor.tokenize(texts) == wrapper
+    with ThreadPoolExecutor(3) as pool:  # as on an accelerator
+        predictor._pool = pool
+        assert predictor.tokenize(texts) == wrapper
+    assert max(map(len, wrapper)) == predictor.max_length
+    padded = predictor.tokenizer(texts[:40], truncation=True, max_length=predictor.max_length, padding=True)
+    with torch.inference_mode():
+        got = predictor.encode_ids(wrapper[:40])
+        hidden = predictor.model(
+            input_ids=torch.tensor(padded["input_ids"]), attention_mask=torch.tensor(padded["attention_mask"])
+        ).last_hidden_state
+    mask = torch.tensor(padded["attention_mask"]).unsqueeze(-1).float()
+    expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
 # -- precision -----------------------------------------------------------------------------------------------
 
 

@@ -8,14 +8,21 @@ maximum sequence length are truncated by the tokenizer.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from batchinfer.errors import ModelError
 from batchinfer.models.base import ModelSpec, Precisioned, digest, quantize_if_asked
+
+# Tokenizing on an accelerator: texts per encode_batch call, and at most this many threads.
+TOKENIZE_PIECE = 512
+TOKENIZE_THREADS = 8
 
 
 def model_dir() -> Path:
@@ -64,20 +71,33 @@ class MiniLMPredictor:
         self.device = device
         self.max_length = max_seq_length(folder)
         self.runner = Precisioned(precision, device)
+        self.pad_id = self.tokenizer.pad_token_id or 0
+        # The Rust tokenizer itself, truncating as the call above would: the same ids without the Python
+        # wrapper's per-call work. Its encode_batch lets go of the GIL, so on an accelerator, where the CPU
+        # cores are not busy with the model, a large chunk is tokenized in pieces on several threads.
+        self._fast = type(self.tokenizer.backend_tokenizer).from_str(self.tokenizer.backend_tokenizer.to_str())
+        self._fast.enable_truncation(self.max_length)
+        self._fast.no_padding()
+        workers = min(TOKENIZE_THREADS, os.cpu_count() or 1) if device.type != "cpu" else 1
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize") if workers > 1 else None
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._fast.encode_batch(texts)]
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to the model's maximum length, without padding."""
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False)
-        return encoded["input_ids"]
+        if self._pool is None or len(texts) < 2 * TOKENIZE_PIECE:
+            return self._encode(texts)
+        pieces = [texts[lo : lo + TOKENIZE_PIECE] for lo in range(0, len(texts), TOKENIZE_PIECE)]
+        return [ids for piece in self._pool.map(self._encode, pieces) for ids in piece]
 
     def encode_ids(self, ids: list[list[int]]) -> torch.Tensor:
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        input_ids, mask = input_ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        mask = np.arange(int(lengths.max())) < lengths[:, None]
+        tokens = np.full(mask.shape, self.pad_id, dtype=np.int64)
+        tokens[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        input_ids = torch.from_numpy(tokens).to(self.device, non_blocking=True)
+        mask = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=True)
         with self.runner.context():
             out = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
         out = out.float()
