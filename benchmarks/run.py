@@ -361,17 +361,19 @@ def mlp_rows(
     return _picked(rows, args.only), _picked(extra, args.only)
 
 
-def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool) -> tuple[list[Row], list[Row]]:
+def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool, device: str) -> tuple[list[Row], list[Row]]:
     folder = data.text_path(bench / "data", args.sentences)
     common = {"batch_size": args.text_batch_size, "threads": args.threads, "input": str(folder)}
+    on = {"device": device}  # the bare loops and the flow run where --device says; the others stay on the CPU
     out = bench / "out"
+    where = "" if device == "cpu" else f", tensors already on {device}"
     rows = [
-        Row("(a) bare loop, unsorted", "minilm-bare", {**common, "sorted": False}, key="bare"),
-        Row("(a') bare loop, sorted by length", "minilm-bare", {**common, "sorted": True}, key="bare"),
+        Row(f"(a) bare loop, unsorted{where}", "minilm-bare", {**common, **on, "sorted": False}, key="bare"),
+        Row(f"(a') bare loop, sorted by length{where}", "minilm-bare", {**common, **on, "sorted": True}, key="bare"),
         Row(
             "(b) batchinfer flow (Prefect)",
             "flow",
-            {**common, "model": "minilm", "text_column": "text", "output": str(out / "flow-text")},
+            {**common, **on, "model": "minilm", "text_column": "text", "output": str(out / "flow-text")},
             key="flow",
         ),
     ]
@@ -530,7 +532,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device",
         default="cpu",
-        help="where the MLP's bare loop, naive loop and flow run: cpu, cuda:N, or auto (cuda:0 if CUDA, else cpu)",
+        help="where the bare loops, the MLP's naive loop and the flows run: cpu, cuda:N, or auto (cuda:0 if CUDA, "
+        "else cpu)",
     )
     parser.add_argument(
         "--only",
@@ -560,11 +563,10 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device(args.device)
     info = environment(args, device)
     print(f"{info['command']}\n{info['cpu_count']} cores, torch {info['torch']}, logs in {log}")
-    if "mlp" in workloads:
-        fallback = (
-            " (auto: CUDA is not available, so the CPU)" if args.device == "auto" and device["device"] == "cpu" else ""
-        )
-        print(f"MLP device: {device['device']} ({device['name']}){fallback}", flush=True)
+    fallback = (
+        " (auto: CUDA is not available, so the CPU)" if args.device == "auto" and device["device"] == "cpu" else ""
+    )
+    print(f"device: {device['device']} ({device['name']}){fallback}", flush=True)
 
     print(f"preparing data (cached in {bench}) ...", flush=True)
     # In a child process: the driver stays small, so no variant inherits a large peak RSS through fork.
@@ -589,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     if "mlp" in workloads:
         plans["mlp"] = mlp_rows(args, bench, checkpoint, with_ray, device["device"])
     if "minilm" in workloads:
-        plans["minilm"] = text_rows(args, bench, with_ray)
+        plans["minilm"] = text_rows(args, bench, with_ray, device["device"])
     plans = {name: plan for name, plan in plans.items() if plan[0] or plan[1]}
 
     server = PrefectServer(home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log")
@@ -601,7 +603,8 @@ def main(argv: list[str] | None = None) -> None:
         **server.env(),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(ROOT),
+        # The repository first, then whatever the caller had (packages installed with --target, say).
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
     }
     results: dict[str, Any] = {}
     try:
@@ -654,9 +657,11 @@ def report(
         )
     big = next((r for r in rows if r.key == "flow" and r.runs), None)
     small = next((r for r in extra if r.key == "memory"), None)
-    summary: dict[str, Any] = {"device": info["device"] if name == "mlp" else "cpu"}
+    summary: dict[str, Any] = {"device": info["device"]}
     if big and bare:
         summary["flow_vs_bare"] = round(big.rows_per_s / bare[0].rows_per_s, 4)
+    if big and name != "mlp" and len(bare) > 1:
+        summary["flow_vs_bare_sorted"] = round(big.rows_per_s / bare[1].rows_per_s, 4)
     if big and small and big.runs and small.runs:
         ratio = big.summary()["peak_rss_mb"] / small.summary()["peak_rss_mb"]
         summary["flow_rss_ratio"] = round(ratio, 3)
@@ -680,7 +685,7 @@ def report(
         if name == "mlp"
         else f"{args.sentences:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}"
     )
-    where = f"device {info['device']} ({info['device_name']}), " if name == "mlp" and info["device"] != "cpu" else ""
+    where = f"device {info['device']} ({info['device_name']}), " if info["device"] != "cpu" else ""
     repeats = max((len(row.runs) for row in rows), default=1)
     body = "\n\n".join(
         [

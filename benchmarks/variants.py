@@ -355,7 +355,9 @@ def minilm_bare(params: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     _threads(params)
+    device = _device(params)
     tokenizer, model, max_length = _minilm()
+    model = model.to(device)
     _, texts = _texts(params["input"])
     batch = params["batch_size"]
     order = np.arange(len(texts))
@@ -366,19 +368,29 @@ def minilm_bare(params: dict[str, Any]) -> dict[str, Any]:
     for lo in range(0, len(order), batch):
         chunk = [texts[i] for i in order[lo : lo + batch]]
         enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        batches.append((enc["input_ids"], enc["attention_mask"]))
+        batches.append((enc["input_ids"].to(device), enc["attention_mask"].to(device)))
     padded = sum(ids.numel() for ids, _ in batches)
     real = sum(int(mask.sum()) for _, mask in batches)
-    out = torch.empty((len(texts), 384))
+    out = torch.empty((len(texts), 384), device=device)
     with torch.inference_mode():
         _embed(model, *batches[0])
+        _sync(device)
+        started_at = time.time()
         start = time.perf_counter()
         at = 0
         for ids, mask in batches:
             out[at : at + len(ids)] = _embed(model, ids, mask)
             at += len(ids)
+        _sync(device)
         seconds = time.perf_counter() - start
-    return {"rows": len(texts), "seconds": seconds, "padding": padded / real}
+    return {
+        "rows": len(texts),
+        "seconds": seconds,
+        "padding": padded / real,
+        "device": str(device),
+        "started_at": started_at,
+        "ended_at": time.time(),
+    }
 
 
 @variant("minilm-naive")

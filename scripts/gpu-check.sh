@@ -3,13 +3,16 @@
 #   1. environment: nvidia-smi, torch version, CUDA availability, device count
 #   2. the GPU tests (tests/test_gpu.py; they skip without CUDA)
 #   3. the demo with devices auto (every GPU)
-#   4. throughput of the flow against a bare PyTorch loop on the same device and batch size
-#      (benchmarks.run --device auto --only bare,flow), with nvidia-smi's GPU busy % while each ran
+#   4. throughput of the flow against a bare PyTorch loop on the same device and batch size, for the MLP
+#      and for MiniLM (benchmarks.run --device auto --only bare,flow), with nvidia-smi's GPU busy % while
+#      each ran
 # Without CUDA it runs all the same on the CPU (device cpu, fewer rows) and says so.
 # Writes summary.md, summary.json, throughput.json, the logs of steps 2-4 and, with nvidia-smi,
 # gpu-busy.csv into ${OUT:-gpu-check}/. Exit status 0 when every step passed.
-# Usage: [OUT=folder] scripts/gpu-check.sh [ROWS]   (rows of the throughput run; default 20,000,000 with
-#        CUDA, 500,000 without). BUDGET_S (default 450) bounds the whole run; BENCH_DIR keeps the data.
+# Usage: [OUT=folder] scripts/gpu-check.sh [ROWS]   (MLP rows of the throughput run; default 10,000,000
+#        with CUDA, 500,000 without). SENTENCES (default 200,000 with CUDA, 2,000 without) and TEXT_BATCH
+#        (default 256 with CUDA, 64 without) size the MiniLM run. BUDGET_S (default 450) bounds the whole
+#        run; BENCH_DIR keeps the data.
 set -uo pipefail
 if [ -n "${OUT:-}" ]; then # relative to where the script was started
   mkdir -p "$OUT" && out="$(cd "$OUT" && pwd)" || exit 2
@@ -21,8 +24,8 @@ mkdir -p "$out"
 for name in summary.md summary.json throughput.json gpu-busy.csv tests.log demo.log throughput.log; do
   rm -f "$out/$name"
 done
-py=python3
-if [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
+py="${PYTHON:-python3}" # PYTHON: the interpreter to use; by default the project's .venv when there is one
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
 tmp="$(mktemp -d -t gpu-check-XXXXXX)"
 mkdir -p "$tmp/prefect"
 export PREFECT_HOME="$tmp/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -88,12 +91,13 @@ EOF
 env_rc=${PIPESTATUS[0]}
 cuda=$($py -c "import json, sys; print(int(json.load(open(sys.argv[1]))['cuda_available']))" "$tmp/torch.json" 2>/dev/null || echo 0)
 if [ "$cuda" = 1 ]; then
-  rows="${1:-20000000}"
+  rows="${1:-10000000}" sentences="${SENTENCES:-200000}" text_batch="${TEXT_BATCH:-256}"
   note="CUDA: available; the demo uses every GPU, the throughput run cuda:0 with $rows rows"
+  note="$note and $sentences sentences"
 else
-  rows="${1:-500000}"
+  rows="${1:-500000}" sentences="${SENTENCES:-2000}" text_batch="${TEXT_BATCH:-64}"
   note="CUDA: not available; falling back to device cpu (the GPU tests skip, the demo and the throughput run"
-  note="$note on the CPU with $rows rows)"
+  note="$note on the CPU with $rows rows and $sentences sentences)"
 fi
 echo "$note" | tee -a "$tmp/environment.txt"
 
@@ -115,7 +119,8 @@ if [ "$cuda" = 1 ] && command -v nvidia-smi >/dev/null 2>&1; then
   sampler=$!
 fi
 step "throughput: flow vs bare loop on the same device" "$out/throughput.log" \
-  $py -m benchmarks.run --rows "$rows" --device auto --workloads mlp --no-ray --only bare,flow --repeats 1 \
+  $py -m benchmarks.run --rows "$rows" --sentences "$sentences" --text-batch-size "$text_batch" --device auto \
+  --workloads mlp,minilm --no-ray --only bare,flow --repeats 1 --text-repeats 1 \
   --no-markdown --json "$out/throughput.json" --bench-dir "${BENCH_DIR:-$root/.bench/gpu-check}"
 bench_rc=$step_rc bench_s=$step_s
 if [ -n "$sampler" ]; then
@@ -127,7 +132,7 @@ if [ -n "$sampler" ]; then
 fi
 
 echo
-OUT_DIR="$out" TMP_DIR="$tmp" CUDA="$cuda" ROWS="$rows" TOTAL_S=$((SECONDS - started)) ENV_RC="$env_rc" \
+OUT_DIR="$out" TMP_DIR="$tmp" CUDA="$cuda" ROWS="$rows" SENTENCES="$sentences" TOTAL_S=$((SECONDS - started)) ENV_RC="$env_rc" \
   TESTS_RC="$tests_rc" TESTS_S="$tests_s" DEMO_RC="$demo_rc" DEMO_S="$demo_s" BENCH_RC="$bench_rc" \
   BENCH_S="$bench_s" $py - <<'EOF'
 """summary.md and summary.json from the steps' exit codes, logs and results."""
@@ -205,31 +210,43 @@ def busy(start: float | None, end: float | None) -> dict:
     return {"mean_pct": round(statistics.fmean(values), 1), "samples": len(values)}
 
 
-throughput = {"status": outcome(os.environ["BENCH_RC"]), "seconds": int(os.environ["BENCH_S"])}
+throughput = {"status": outcome(os.environ["BENCH_RC"]), "seconds": int(os.environ["BENCH_S"]), "workloads": {}}
 result_path = out / "throughput.json"
-if result_path.exists():
-    mlp = json.loads(result_path.read_text())["mlp"]
-    by_variant = {row["variant"]: row for row in mlp["rows"]}
-    bare, flow = by_variant.get("mlp-bare"), by_variant.get("flow")
-    throughput.update(
-        {
-            "rows": int(os.environ["ROWS"]),
-            "batch_size": (flow or bare or {}).get("params", {}).get("batch_size"),
-            "device": mlp["environment"]["device"],
-            "device_name": mlp["environment"]["device_name"],
-            "bare_rows_per_s": bare and bare["rows_per_s"],
-            "flow_rows_per_s": flow and flow["rows_per_s"],
-            "flow_seconds": flow and flow["median_seconds"],
-            "flow_vs_bare": mlp["summary"].get("flow_vs_bare"),
-        }
-    )
-    for name, row in (("flow", flow), ("bare", bare)):
+results = json.loads(result_path.read_text()) if result_path.exists() else {}
+for name, size in (("mlp", int(os.environ["ROWS"])), ("minilm", int(os.environ["SENTENCES"]))):
+    if name not in results:
+        throughput["workloads"][name] = {"rows": size, "status": "no result"}
+        continue
+    part = results[name]
+    flow = next((row for row in part["rows"] if row["variant"] == "flow"), None)
+    bare = [row for row in part["rows"] if row["variant"].endswith("-bare")]
+    # The limit: the MLP's one bare loop; for text, the loop over length-sorted batches (the faster one).
+    bare = next((row for row in bare if row["params"].get("sorted")), bare[0] if bare else None)
+    ratio = flow and bare and round(flow["rows_per_s"] / bare["rows_per_s"], 4)
+    entry = {
+        "rows": size,
+        "batch_size": (flow or bare or {}).get("params", {}).get("batch_size"),
+        "device": part["environment"]["device"],
+        "device_name": part["environment"]["device_name"],
+        "bare": bare and bare["label"],
+        "bare_rows_per_s": bare and bare["rows_per_s"],
+        "flow_rows_per_s": flow and flow["rows_per_s"],
+        "flow_seconds": flow and flow["median_seconds"],
+        "flow_vs_bare": ratio,
+        "status": "ok" if ratio else "no flow/bare ratio",
+    }
+    for label, row in (("flow", flow), ("bare", bare)):
         run = row["runs"][0] if row else {}
-        throughput[f"gpu_busy_{name}"] = busy(run.get("started_at"), run.get("ended_at"))
-    if cuda and throughput["device"] == "cpu":
-        throughput["status"] = "failed (ran on the CPU)"
-if throughput["status"] == "passed" and throughput.get("flow_vs_bare") is None:
-    throughput["status"] = "failed (no flow/bare ratio)"
+        entry[f"gpu_busy_{label}"] = busy(run.get("started_at"), run.get("ended_at"))
+    if cuda and entry["device"] == "cpu":
+        entry["status"] = "ran on the CPU"
+    throughput["workloads"][name] = entry
+    throughput.setdefault("device", entry["device"])
+    throughput.setdefault("device_name", entry["device_name"])
+if throughput["status"] == "passed":
+    wrong = [f"{name}: {w['status']}" for name, w in throughput["workloads"].items() if w["status"] != "ok"]
+    if wrong:
+        throughput["status"] = f"failed ({'; '.join(wrong)})"
 if throughput["status"] != "passed":
     problems.append(f"throughput: {throughput['status']} (see throughput.log)")
 
@@ -251,18 +268,28 @@ def rate(value) -> str:
     return f"{value:,.0f} rows/s" if isinstance(value, int | float) else "n/a"
 
 
-ratio = throughput.get("flow_vs_bare")
+def throughput_lines(name: str, w: dict) -> list[str]:
+    unit = "rows" if name == "mlp" else "sentences"
+    if w["status"] == "no result":
+        return [f"- {name} ({w['rows']:,} {unit}): no result"]
+    ratio = w.get("flow_vs_bare")
+    return [
+        f"- {name} ({w['rows']:,} {unit}, batch {w.get('batch_size')}, {w['device']}): "
+        f"{w['bare']} {rate(w.get('bare_rows_per_s'))}, flow {rate(w.get('flow_rows_per_s'))}, "
+        f"flow/bare {f'{ratio:.2f}' if ratio else 'n/a'}",
+        f"  - GPU busy while the flow ran: {pct(w.get('gpu_busy_flow', {}))}; "
+        f"while the bare loop ran: {pct(w.get('gpu_busy_bare', {}))}",
+    ]
+
+
 lines = [
     f"- result: {'PASSED' if ok else 'FAILED'} in {int(os.environ['TOTAL_S'])} s",
     f"- device: {where}",
     f"- GPU tests: {tests['status']}" + (f" ({tests_line})" if tests_line else ""),
     f"- demo (devices auto): {demo['status']}, shards ran on "
     + "; ".join(f"{job}: {', '.join(found) or 'nothing'}" for job, found in demo["devices"].items()),
-    f"- throughput ({throughput.get('rows', 0):,} rows, batch {throughput.get('batch_size')}, {device}): "
-    f"bare loop {rate(throughput.get('bare_rows_per_s'))}, flow {rate(throughput.get('flow_rows_per_s'))}, "
-    f"flow/bare {f'{ratio:.2f}' if ratio is not None else 'n/a'}",
-    f"- GPU busy while the flow ran: {pct(throughput.get('gpu_busy_flow', {}))}; "
-    f"while the bare loop ran: {pct(throughput.get('gpu_busy_bare', {}))}",
+    f"- throughput: {throughput['status']}",
+    *(line for name, w in throughput["workloads"].items() for line in throughput_lines(name, w)),
     *(f"- problem: {problem}" for problem in problems),
 ]
 summary = "\n".join(lines)

@@ -41,3 +41,56 @@ def test_minilm_on_gpu_matches_cpu(text, tmp_path):
     job = {"input_uri": text["input"], "model": "minilm", "text_column": "text", "batch_size": 32}
     assert _gpu_against_cpu(tmp_path, "cuda:0", "embedding", **job) <= 1e-3
     assert Path(tmp_path / "gpu" / "_SUCCESS").exists()
+
+
+class _GreedyModel:
+    """Asks the GPU for `bytes_per_row` of real memory per row, so that large batches fail in the allocator."""
+
+    def __init__(self, bytes_per_row: int) -> None:
+        self.bytes_per_row = bytes_per_row
+        self.sizes: list[int] = []
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(batch.shape[0])
+        scratch = torch.empty(batch.shape[0] * self.bytes_per_row, dtype=torch.uint8, device=batch.device)
+        del scratch
+        return torch.softmax(batch[:, :3].float(), dim=1)
+
+
+def test_auto_batch_size_halves_on_real_cuda_out_of_memory(monkeypatch):
+    from batchinfer import runner
+    from batchinfer.devices import Device
+    from tests.test_speed_features import _feature_settings, _spec
+
+    monkeypatch.setattr(runner, "_auto_batch", {})
+    free, _ = torch.cuda.mem_get_info(0)
+    per_row = 1 << 28  # 256 MiB a row: the first batch (65,536 rows, 16 TiB) cannot fit on any GPU
+    model = _GreedyModel(per_row)
+    first = runner.AUTO_START_BATCH_SIZE["features"]
+    matrix = np.random.default_rng(0).standard_normal((2 * first, 3)).astype(np.float32)
+    out = runner._predict_matrix(
+        matrix, _feature_settings(0), _spec("features", "greedy"), model, Device("g", "cuda:0")
+    )
+    np.testing.assert_allclose(out, torch.softmax(torch.from_numpy(matrix), dim=1).numpy(), atol=1e-6)
+    fits = runner._auto_batch[("g", "greedy")]  # remembered for the device
+    halvings = first.bit_length() - fits.bit_length()
+    assert 0 < halvings and fits * per_row <= free
+    assert model.sizes[: halvings + 1] == [first >> i for i in range(halvings + 1)]  # real OOM, halved each time
+    assert set(model.sizes[halvings:]) == {fits} and len(model.sizes) == halvings + 2 * first // fits
+    torch.cuda.empty_cache()
+
+
+def test_reduced_precisions_on_gpu_stay_close_to_fp32_on_cpu(tabular):
+    from batchinfer import demo
+    from batchinfer.models import mlp
+
+    x = torch.from_numpy(demo.tabular_frame(4_096, seed=5).select(demo.FEATURE_NAMES).to_numpy())
+    with torch.inference_mode():
+        reference = mlp.resolve(tabular["checkpoint"], precision="fp32", storage_options={})
+        reference = reference.load(torch.device("cpu")).predict(x)
+        for precision, limit in {"fp32": 1e-5, "bf16": 0.02, "fp16": 0.005}.items():
+            spec = mlp.resolve(tabular["checkpoint"], precision=precision, storage_options={})
+            probs = spec.load(torch.device("cuda:0")).predict(x.to("cuda:0")).float().cpu()
+            assert torch.isfinite(probs).all(), precision
+            assert (probs - reference).abs().mean() < limit, precision
+            assert (probs.argmax(1) == reference.argmax(1)).float().mean() > 0.9, precision
