@@ -1,7 +1,8 @@
 """Device slots shared by every run on one Prefect server: a global concurrency limit of N slots.
 
-The flow thread takes one slot before it submits a shard and gives it back when the shard's
-task has finished, so at most N shards run at once across all runs that use the same limit.
+The flow thread takes one slot before it lets a shard start and, when the shard's task has
+finished, hands the slot to the next shard of the run or gives it back (without waiting for the
+server), so at most N shards run at once across all runs that use the same limit.
 
 Why not a tag concurrency limit on the task: on Prefect 3.9 a task that waits for a `tag:`
 slot is admitted about 2 s after the previous holder finished (measured here, every shard,
@@ -12,13 +13,17 @@ keeps its `gpu` tag for the UI and for any limit a user adds on it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectAlreadyExists
+
+log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 60.0  # the server's minimum; a killed process frees its slots when the lease runs out
 QUICK_RETRIES = 50
@@ -35,6 +40,7 @@ class DeviceSlots:
         self._stop = threading.Event()
         self._client = get_client(sync_client=True)
         self._client.__enter__()
+        self._releaser = ThreadPoolExecutor(1, thread_name_prefix="batchinfer-slot-release")
         self._ensure_limit()
         self._renewer = threading.Thread(target=self._renew, name="batchinfer-slot-leases", daemon=True)
         self._renewer.start()
@@ -69,9 +75,18 @@ class DeviceSlots:
         return lease_id
 
     def give_back(self, lease_id: UUID) -> None:
+        """Release a slot without waiting for the server: the flow goes on at once (close() waits)."""
         with self._lock:
             self._leases.discard(lease_id)
-        self._post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease_id)}).raise_for_status()
+        self._releaser.submit(self._release, lease_id)
+
+    def _release(self, lease_id: UUID) -> None:
+        try:  # on failure the lease runs out on its own (LEASE_SECONDS); only other runs wait longer
+            response = self._post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease_id)})
+            if response.status_code >= 400:
+                log.warning("could not give back slot lease %s: HTTP %d", lease_id, response.status_code)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not give back slot lease %s: %s", lease_id, exc)
 
     def _post(self, path: str, body: dict) -> httpx.Response:
         """POST with quick retries of SQLite's "database is locked" (503).
@@ -89,15 +104,21 @@ class DeviceSlots:
         return response
 
     def close(self) -> None:
+        """Stop renewing and give back every slot still held, without waiting for the server.
+
+        The releases and the client's shutdown run on the release thread, which the interpreter
+        joins before it exits: a process that ends normally leaves no slot held.
+        """
         self._stop.set()
         with self._lock:
             leases = list(self._leases)
             self._leases.clear()
         for lease_id in leases:
-            try:
-                self._client.release_concurrency_slots_with_lease(lease_id=lease_id)
-            except Exception:  # noqa: BLE001 - the lease expires on its own
-                pass
+            self._releaser.submit(self._release, lease_id)
+        self._releaser.submit(self._finish)
+        self._releaser.shutdown(wait=False)
+
+    def _finish(self) -> None:
         self._renewer.join(timeout=5)
         self._client.__exit__(None, None, None)
 

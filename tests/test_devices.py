@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -251,8 +252,6 @@ def test_runs_starting_together_all_get_the_slot_limit():
 def test_next_shard_task_starts_while_the_current_shard_runs(tabular, tmp_path, control, monkeypatch):
     """One device: each next shard's task is already started (held at its gate) before the shard
     before it finishes, so Prefect's task start-up is off the critical path; shards never overlap."""
-    import time
-
     import tasks.shards
 
     # 3 s shards: longer than a 2 s retry of "database is locked" in the next task's start-up
@@ -333,3 +332,25 @@ def test_the_model_loads_before_the_first_shard_task_starts(tabular, tmp_path, c
     _run_controlled(tabular, str(output), "fake:2", shard_rows=5_000, batch_size=1_000)
     assert len(reached) == 1
     assert len(loading) == 1 + 1
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_slots_given_back_and_held_at_close_are_all_freed_on_the_server():
+    import uuid
+
+    from prefect.client.orchestration import get_client
+
+    from flows.slots import DeviceSlots
+
+    name = f"gpu-free-{uuid.uuid4().hex[:8]}"
+    with DeviceSlots(name, 3) as slots:
+        leases = [slots.try_take() for _ in range(3)]
+        assert None not in leases and slots.try_take() is None  # all 3 held
+        slots.give_back(leases[0])  # returns before the server has it
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 20
+        while client.read_global_concurrency_limit_by_name(name).active_slots and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+    with DeviceSlots(name, 3) as slots:
+        assert all(slots.try_take() is not None for _ in range(3))
