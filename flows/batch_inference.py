@@ -39,6 +39,9 @@ from flows.slots import DeviceSlots
 from tasks.shards import GPU_TAG, Gate, infer_shard, merge_run, plan_run
 
 SLOT_POLL_SECONDS = 0.5
+# Shard tasks started ahead per device and held at their gates: a task's start-up gets two shards' time,
+# room for Prefect's 2 s retry of "database is locked" even behind a shard of under 2 s.
+WAITING_PER_DEVICE = 2
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +124,10 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
 
     The flow thread holds one slot of the shared device limit per running shard (flows/slots.py):
     at most N shards of this run at once (N = devices), and at most N across every run on the
-    server that uses the same limit name. Each device also has the next shard's task started and
-    waiting at its gate (tasks.shards.Gate), so Prefect's start-up of a task overlaps the work,
-    and a finished shard's slot goes straight to that task.
+    server that uses the same limit name. Each device also has the next shards' tasks started and
+    waiting at their gates (tasks.shards.Gate), so Prefect's start-up of a task overlaps the work.
+    A shard's slot goes straight to that task as soon as the shard is committed (`Gate.freed`),
+    while Prefect still ends the finished task run; after a failure, once its task run has ended.
     """
     logger = get_run_logger()
     pending = list(plan.pending)
@@ -135,52 +139,61 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
     progress = progress or Progress(_percent(plan, results))
     devices = len(plan.devices)
     waiting: list[tuple[Any, Shard, Gate]] = []  # started, held at their gates until a slot is free
-    running: dict[Any, tuple[Shard, UUID]] = {}
+    running: dict[Any, tuple[Shard, UUID, Gate]] = {}  # holding a slot
+    finishing: dict[Any, Shard] = {}  # scored and committed, slot passed on; Prefect ends the task run
     finished_since_update = False
 
     def start_waiting(runner: ThreadPoolTaskRunner) -> None:
-        while pending and len(waiting) < devices:
+        while pending and len(waiting) < WAITING_PER_DEVICE * devices:
             shard, gate = pending.pop(0), Gate()
             future = runner.submit(task, {"config": config, "settings": plan.settings, "shard": shard, "gate": gate})
             waiting.append((future, shard, gate))
 
-    with DeviceSlots(config.concurrency_tag, devices) as slots, ThreadPoolTaskRunner(max_workers=2 * devices) as runner:
+    def collect(future: Any, shard: Shard) -> None:
+        future.wait()  # sets the final state from the future itself; the API's copy can lag behind
+        state = future.state
+        if state.is_completed():
+            results[shard.shard_id] = future.result()
+        else:
+            reason = failure_reason(state)
+            results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
+            logger.error("shard %s failed: %s", shard.shard_id, reason)
+
+    # Task runs: one scoring and one held at its gate per device, and one per device still finishing.
+    with (
+        DeviceSlots(config.concurrency_tag, devices) as slots,
+        ThreadPoolTaskRunner(max_workers=(WAITING_PER_DEVICE + 2) * devices) as runner,
+    ):
         try:
             start_waiting(runner)
-            while waiting or running:
+            while waiting or running or finishing:
                 while waiting and len(running) < devices and (lease := slots.try_take()) is not None:
                     future, shard, gate = waiting.pop(0)
                     gate.open()
-                    running[future] = (shard, lease)
+                    running[future] = (shard, lease, gate)
                 start_waiting(runner)
                 if finished_since_update:  # after starting shards: they need not wait for this call
                     progress.update(_percent(plan, results))
                     finished_since_update = False
-                if not running:  # other runs hold every slot
+                if not running and not finishing:  # other runs hold every slot
                     time.sleep(SLOT_POLL_SECONDS)
                     continue
-                finished, _ = concurrent.futures.wait(
-                    [f.wrapped_future for f in running], timeout=SLOT_POLL_SECONDS, return_when="FIRST_COMPLETED"
-                )
-                if not finished:
+                watched = [f.wrapped_future for f in [*running, *finishing]] + [g.freed for _, _, g in running.values()]
+                done, _ = concurrent.futures.wait(watched, timeout=SLOT_POLL_SECONDS, return_when="FIRST_COMPLETED")
+                if not done:
                     continue
-                future = next(f for f in running if f.wrapped_future in finished)
-                shard, lease = running.pop(future)
-                future.wait()  # sets the final state from the future itself; the API's copy can lag behind
-                if waiting:  # hand the slot to the next shard: no round trip to the server between shards
-                    next_future, next_shard, gate = waiting.pop(0)
-                    gate.open()
-                    running[next_future] = (next_shard, lease)
-                else:
-                    slots.give_back(lease)
-                state = future.state
-                if state.is_completed():
-                    results[shard.shard_id] = future.result()
-                else:
-                    reason = failure_reason(state)
-                    results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
-                    logger.error("shard %s failed: %s", shard.shard_id, reason)
-                finished_since_update = True
+                for future in [f for f in running if f.wrapped_future.done() or running[f][2].freed.done()]:
+                    shard, lease, _ = running.pop(future)
+                    if waiting:  # hand the slot to the next shard: no round trip to the server between shards
+                        next_future, next_shard, gate = waiting.pop(0)
+                        gate.open()
+                        running[next_future] = (next_shard, lease, gate)
+                    else:
+                        slots.give_back(lease)
+                    finishing[future] = shard
+                for future in [f for f in finishing if f.wrapped_future.done()]:
+                    collect(future, finishing.pop(future))
+                    finished_since_update = True
         finally:
             for _, _, gate in waiting:  # the run is stopping: let the held tasks end without scoring
                 gate.cancel()

@@ -7,6 +7,7 @@ cache, so a retried or re-triggered run skips finished shards however it starts.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from typing import Any
 
@@ -56,6 +57,10 @@ class Gate:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._go = False
+        # Done when the shard is scored and committed and its device is back in the pool: the flow can
+        # give the slot to the next shard while Prefect still finishes this task run (its final state,
+        # the `gpu` tag's slot), which can take a few tenths of a second or a 2 s retry.
+        self.freed: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def open(self) -> None:
         self._go = True
@@ -82,11 +87,15 @@ class Gate:
 def infer_shard(config: RunConfig, settings: ShardSettings, shard: Shard, gate: Gate | None = None) -> Any:
     """Score one shard on one device and commit it (data first, marker last).
 
-    With a `gate`, wait until the flow opens it (a device slot is held for this shard).
+    With a `gate`, wait until the flow opens it (a device slot is held for this shard), and tell the
+    flow through `gate.freed` as soon as the shard is committed.
     """
     if gate is not None and not gate.wait():
         return Cancelled(message=f"shard {shard.shard_id} not started: the run stopped first")
-    return run_shard(config, settings, shard).to_dict()
+    result = run_shard(config, settings, shard).to_dict()
+    if gate is not None and not gate.freed.done():  # after a failure the flow waits for the task's end
+        gate.freed.set_result(None)  # (retries included), so only a success frees the slot early
+    return result
 
 
 @task(

@@ -284,6 +284,35 @@ def test_next_shard_task_starts_while_the_current_shard_runs(tabular, tmp_path, 
 
 
 @pytest.mark.usefixtures("prefect_server")
+def test_a_committed_shard_frees_its_device_before_prefect_ends_its_task_run(tabular, tmp_path, control, monkeypatch):
+    """Prefect's end of a task run (final state, the tag's slot) can take tenths of a second or a 2 s
+    retry; the next shard must not wait for it. Here every shard task's end is made 1.5 s slower."""
+    import prefect.task_engine
+
+    original = prefect.task_engine.SyncTaskRunEngine.handle_success
+    ended: list[float] = []
+
+    def slow_success(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if self.task.name == "infer-shard":
+            time.sleep(1.5)
+            ended.append(time.monotonic())
+        return result
+
+    monkeypatch.setattr(prefect.task_engine.SyncTaskRunEngine, "handle_success", slow_success)
+    (control / "sleep").write_text("0.1")
+    pool = pool_for(discover("fake:1"))
+    history_before = len(pool.history)
+    result = _run_controlled(tabular, str(tmp_path / "out"), "fake:1", shard_rows=5_000, batch_size=1_000)
+    assert result["ok"]
+    history = sorted(pool.history[history_before:], key=lambda r: r.start)
+    assert len(history) == len(ended) == 4
+    gaps = [after.start - before.end for before, after in zip(history, history[1:], strict=False)]
+    assert max(gaps) < 1.0, gaps  # each next shard started while the task before it was still ending
+    assert _max_overlap([(r.start, r.end) for r in history]) == 1
+
+
+@pytest.mark.usefixtures("prefect_server")
 def test_each_device_runs_all_its_torch_work_on_one_thread(tabular, tmp_path, control):
     """Shards reach a device from different Prefect worker threads; loading and scoring still happen on
     the device's own thread (one libgomp thread team per device), a different one for each device."""
