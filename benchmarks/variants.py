@@ -328,22 +328,24 @@ def _texts(folder: str) -> tuple[list[int], list[str]]:
 
 
 def _minilm():
-    from transformers import AutoModel, AutoTokenizer
+    """transformers' tokenizer (its padded batches are made before the clock starts) and the encoder the
+    flow runs (batchinfer.models.bert: the same weights and outputs as transformers' BertModel)."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from batchinfer.models.bert import load_encoder
     from batchinfer.models.minilm import max_seq_length, model_dir
 
     hf_logging.set_verbosity_error()
     folder = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
-    return tokenizer, model, max_seq_length(folder)
+    return tokenizer, load_encoder(folder), max_seq_length(folder)
 
 
 def _embed(model, input_ids, mask):
     import torch
 
-    hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    hidden = model(input_ids, mask)
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     return torch.nn.functional.normalize(pooled, p=2, dim=1)

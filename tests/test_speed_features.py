@@ -325,27 +325,33 @@ def test_minilm_shard_matches_one_sentence_at_a_time(tmp_path: Path):
     assert cosine.min() > 0.9999
 
 
-def test_minilm_tokenizes_in_pieces_on_threads_with_the_same_ids_and_padding():
+def test_minilm_tokenizes_and_encodes_as_transformers_does():
+    """The Rust tokenizer (also in pieces on threads) gives BertTokenizer's ids, and the plain-PyTorch
+    encoder with numpy padding gives BertModel's mean-pooled embeddings."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoModel, AutoTokenizer
 
     from batchinfer.models import minilm
 
     predictor = minilm.resolve(precision="fp32").load(torch.device("cpu"))
+    folder = str(minilm.model_dir())
+    reference = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     texts = demo.sentences(3 * minilm.TOKENIZE_PIECE + 7, seed=8) + ["", "word " * 400]  # empty, and truncated
-    wrapper = predictor.tokenizer(texts, truncation=True, max_length=predictor.max_length)["input_ids"]
+    wrapper = reference(texts, truncation=True, max_length=predictor.max_length)["input_ids"]
     assert predictor._pool is None  # the CPU: one thread, the cores run the model
     assert predictor.tokenize(texts) == wrapper
     with ThreadPoolExecutor(3) as pool:  # as on an accelerator
         predictor._pool = pool
         assert predictor.tokenize(texts) == wrapper
     assert max(map(len, wrapper)) == predictor.max_length
-    padded = predictor.tokenizer(texts[:40], truncation=True, max_length=predictor.max_length, padding=True)
+    sample = [*texts[:38], *texts[-2:]]
+    padded = reference(sample, truncation=True, max_length=predictor.max_length, padding=True, return_tensors="pt")
+    bert = AutoModel.from_pretrained(folder, local_files_only=True).eval()
     with torch.inference_mode():
-        got = predictor.encode_ids(wrapper[:40])
-        hidden = predictor.model(
-            input_ids=torch.tensor(padded["input_ids"]), attention_mask=torch.tensor(padded["attention_mask"])
-        ).last_hidden_state
-    mask = torch.tensor(padded["attention_mask"]).unsqueeze(-1).float()
+        got = predictor.encode_ids(predictor.tokenize(sample))
+        hidden = bert(**padded).last_hidden_state
+    mask = padded["attention_mask"].unsqueeze(-1).float()
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 

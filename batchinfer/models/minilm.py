@@ -2,7 +2,10 @@
 
 Mean pooling over the attention mask, then L2 normalisation: the same vectors
 sentence-transformers gives for this model. Texts longer than the model's
-maximum sequence length are truncated by the tokenizer.
+maximum sequence length are truncated by the tokenizer. The encoder is the
+plain-PyTorch BERT of `batchinfer.models.bert` over the package's weights,
+and the tokenizer its `tokenizer.json` through `tokenizers`: no transformers
+import on the way to the first batch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from batchinfer.errors import ModelError
 from batchinfer.models.base import ModelSpec, Precisioned, digest, quantize_if_asked
+from batchinfer.models.bert import load_encoder
 
 # Tokenizing on an accelerator: texts per encode_batch call, and at most this many threads.
 TOKENIZE_PIECE = 512
@@ -55,29 +59,21 @@ class MiniLMPredictor:
     """Tokenizes, runs the encoder and pools; `encode_ids` serves pre-tokenized, length-sorted batches."""
 
     def __init__(self, folder: Path, precision: str, device: torch.device):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from tokenizers import Tokenizer
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
-        self.model = quantize_if_asked(model, precision, device)
+        self.max_length = max_seq_length(folder)
+        # The Rust tokenizer of the checkpoint, truncating as BertTokenizer(truncation=True) would. Its
+        # encode_batch lets go of the GIL, so on an accelerator, where the CPU cores are not busy with
+        # the model, a large chunk is tokenized in pieces on several threads.
+        self._fast = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._fast.enable_truncation(self.max_length)
+        self._fast.no_padding()
+        self.pad_id = self._fast.token_to_id("[PAD]") or 0
+        self.model = quantize_if_asked(load_encoder(folder), precision, device)
         if precision != "int8":
             self.model = self.model.to(device)
         self.device = device
-        self.max_length = max_seq_length(folder)
         self.runner = Precisioned(precision, device)
-        self.pad_id = self.tokenizer.pad_token_id or 0
-        # The Rust tokenizer itself, truncating as the call above would: the same ids without the Python
-        # wrapper's per-call work. Its encode_batch lets go of the GIL, so on an accelerator, where the CPU
-        # cores are not busy with the model, a large chunk is tokenized in pieces on several threads.
-        self._fast = type(self.tokenizer.backend_tokenizer).from_str(self.tokenizer.backend_tokenizer.to_str())
-        self._fast.enable_truncation(self.max_length)
-        self._fast.no_padding()
         workers = min(TOKENIZE_THREADS, os.cpu_count() or 1) if device.type != "cpu" else 1
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize") if workers > 1 else None
 
@@ -99,7 +95,7 @@ class MiniLMPredictor:
         input_ids = torch.from_numpy(tokens).to(self.device, non_blocking=True)
         mask = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=True)
         with self.runner.context():
-            out = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            out = self.model(input_ids, mask)
         out = out.float()
         weights = mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
