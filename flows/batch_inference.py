@@ -136,6 +136,7 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
         return results
     config = plan.config
     task = infer_shard if config.concurrency_tag == GPU_TAG else infer_shard.with_options(tags=[config.concurrency_tag])
+    own_progress = progress is None
     progress = progress or Progress(_percent(plan, results))
     devices = len(plan.devices)
     waiting: list[tuple[Any, Shard, Gate]] = []  # started, held at their gates until a slot is free
@@ -159,7 +160,7 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
             results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
             logger.error("shard %s failed: %s", shard.shard_id, reason)
 
-    # Task runs: one scoring and one held at its gate per device, and one per device still finishing.
+    # Task runs per device: one scoring, WAITING_PER_DEVICE held at their gates, one still finishing.
     with (
         DeviceSlots(config.concurrency_tag, devices) as slots,
         ThreadPoolTaskRunner(max_workers=(WAITING_PER_DEVICE + 2) * devices) as runner,
@@ -199,6 +200,8 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
                 gate.cancel()
         if finished_since_update:
             progress.update(_percent(plan, results))
+    if own_progress:
+        progress.close()
     return results
 
 
