@@ -160,10 +160,11 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
             results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
             logger.error("shard %s failed: %s", shard.shard_id, reason)
 
-    # Task runs per device: one scoring, WAITING_PER_DEVICE held at their gates, one still finishing.
+    # Task runs per device: one scoring, WAITING_PER_DEVICE held at their gates, and room for a few still
+    # being ended by Prefect (a slow end must not keep the next tasks from starting).
     with (
         DeviceSlots(config.concurrency_tag, devices) as slots,
-        ThreadPoolTaskRunner(max_workers=(WAITING_PER_DEVICE + 2) * devices) as runner,
+        ThreadPoolTaskRunner(max_workers=(WAITING_PER_DEVICE + 4) * devices) as runner,
     ):
         try:
             start_waiting(runner)

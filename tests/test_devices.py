@@ -300,7 +300,8 @@ def test_a_committed_shard_frees_its_device_before_prefect_ends_its_task_run(tab
         return result
 
     monkeypatch.setattr(prefect.task_engine.SyncTaskRunEngine, "handle_success", slow_success)
-    (control / "sleep").write_text("0.1")
+    # 2.5 s shards: longer than the slower end, and than a 2 s retry in a waiting task's start-up
+    (control / "sleep").write_text("0.5")
     pool = pool_for(discover("fake:1"))
     history_before = len(pool.history)
     result = _run_controlled(tabular, str(tmp_path / "out"), "fake:1", shard_rows=5_000, batch_size=1_000)
