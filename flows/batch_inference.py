@@ -119,7 +119,7 @@ class Progress:
         self._thread.shutdown(wait=True)
 
 
-def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[str, Any]]:
+def run_shards(plan: Plan, progress: Progress) -> dict[str, dict[str, Any]]:
     """Score pending shards, one per device slot at a time; a failed shard does not stop the rest.
 
     The flow thread holds one slot of the shared device limit per running shard (flows/slots.py):
@@ -136,8 +136,6 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
         return results
     config = plan.config
     task = infer_shard if config.concurrency_tag == GPU_TAG else infer_shard.with_options(tags=[config.concurrency_tag])
-    own_progress = progress is None
-    progress = progress or Progress(_percent(plan, results))
     devices = len(plan.devices)
     waiting: list[tuple[Any, Shard, Gate]] = []  # started, held at their gates until a slot is free
     running: dict[Any, tuple[Shard, UUID, Gate]] = {}  # holding a slot
@@ -201,8 +199,6 @@ def run_shards(plan: Plan, progress: Progress | None = None) -> dict[str, dict[s
                 gate.cancel()
         if finished_since_update:
             progress.update(_percent(plan, results))
-    if own_progress:
-        progress.close()
     return results
 
 
@@ -292,7 +288,7 @@ def batch_inference(
         start_run(plan)
         preload_models(plan)
         progress = Progress(_percent(plan, {})) if plan.pending else None  # none when nothing is left to run
-        results = run_shards(plan, progress)
+        results = run_shards(plan, progress) if progress is not None else {}
         report = merge_run(plan, results)  # while the last progress update goes out
         if progress is not None:
             progress.close()
