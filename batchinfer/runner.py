@@ -32,7 +32,7 @@ from batchinfer.models.base import ModelSpec, Predictor
 from batchinfer.planning import Shard
 from batchinfer.reader import feature_matrix, iter_shard, prefetch
 from batchinfer.storage import Storage
-from batchinfer.writer import BackgroundWriter
+from batchinfer.writer import OUTPUT_COMPRESSION, BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def score_shard(
 
 def _list_array(values: np.ndarray) -> pa.Array:
     rows, width = values.shape
+    if rows == 0:
+        return pa.array([], type=pa.list_(pa.float32()))
     offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
 
@@ -151,7 +153,7 @@ def _score_and_commit(
     # runs the model, the writer thread encodes the previous chunk's output.
     chunks = _with_tokens(iter_shard(in_storage, shard, columns, chunk_rows), settings, predictor, text)
     with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
-        writer = BackgroundWriter(tmp, compression="zstd")
+        writer = BackgroundWriter(tmp)
         try:
             for batch, tokens in prefetch(chunks):
                 table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
@@ -199,7 +201,7 @@ def _write_errors(
 ) -> None:
     table = pa.table({settings.key_column: keys, "reason": pa.array(reasons, pa.string())})
     with storage.atomic_local_file(layout.errors(shard.shard_id), suffix=".parquet") as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression=OUTPUT_COMPRESSION)
 
 
 def _with_tokens(
@@ -267,7 +269,10 @@ def _score_chunk(
     good_keys = keys if ok.all() else keys.filter(pa.array(ok))
     columns: dict[str, pa.Array] = {settings.key_column: good_keys}
     if spec.output_kind == "classifier":
-        columns["prediction"] = pa.array(values.argmax(axis=1).astype(np.int64))
+        # torch's argmax (the first maximal index, like numpy's) over rows of a few classes is 2x numpy's.
+        # A chunk whose rows all went to errors has no values (and no width) at all.
+        predictions = torch.from_numpy(values).argmax(dim=1).numpy() if len(values) else np.zeros(0, np.int64)
+        columns["prediction"] = pa.array(predictions)
         columns["probabilities"] = _list_array(values)
     else:
         columns["embedding"] = _list_array(values)
@@ -382,7 +387,7 @@ def _as_output(value: Any, rows: int) -> torch.Tensor:
 
 
 def _check_outputs(values: np.ndarray, spec: ModelSpec, shard: Shard, keys: pa.Array) -> None:
-    if values.size == 0:
+    if values.size == 0 or np.isfinite(values).all():  # one flat pass; the per-row one only to name a row
         return
     finite = np.isfinite(values).all(axis=1)
     if not finite.all():

@@ -8,6 +8,8 @@ import threading
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchinfer.config import OUTPUT_COMPRESSION
+
 
 def _float_lists(schema: pa.Schema) -> set[str]:
     return {
@@ -18,7 +20,7 @@ def _float_lists(schema: pa.Schema) -> set[str]:
     }
 
 
-def open_writer(path: str, schema: pa.Schema, compression: str = "zstd") -> pq.ParquetWriter:
+def open_writer(path: str, schema: pa.Schema, compression: str = OUTPUT_COMPRESSION) -> pq.ParquetWriter:
     """A Parquet writer that spends no time on what cannot pay off for model outputs.
 
     Probability and embedding lists are distinct floats: a dictionary never
@@ -41,7 +43,7 @@ class BackgroundWriter:
     raised by the next `write` or by `close`; tables after it are dropped.
     """
 
-    def __init__(self, path: str, *, compression: str = "zstd", depth: int = 2):
+    def __init__(self, path: str, *, compression: str = OUTPUT_COMPRESSION, depth: int = 2):
         self.path = path
         self.compression = compression
         self.rows = 0

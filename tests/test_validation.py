@@ -69,6 +69,19 @@ def nan_probability(table: pa.Table) -> pa.Table:
     return table.set_column(table.schema.get_field_index("probabilities"), "probabilities", column)
 
 
+def probabilities_off(table: pa.Table) -> pa.Table:
+    values = table.column("probabilities").to_pylist()
+    values[TAMPERED_ROW] = [v * 0.9 for v in values[TAMPERED_ROW]]
+    column = pa.array(values, type=pa.list_(pa.float32()))
+    return table.set_column(table.schema.get_field_index("probabilities"), "probabilities", column)
+
+
+def wrong_prediction(table: pa.Table) -> pa.Table:
+    predictions = table.column("prediction").to_numpy().copy()
+    predictions[TAMPERED_ROW] = (predictions[TAMPERED_ROW] + 1) % 3
+    return table.set_column(table.schema.get_field_index("prediction"), "prediction", pa.array(predictions))
+
+
 def tamper(output: Path, shard_id: str, change: Callable[[pa.Table], pa.Table]) -> object:
     """Rewrite a committed shard file in place; return the key of the tampered row."""
     path = Path(Layout(str(output)).shard(shard_id))
@@ -109,8 +122,10 @@ def test_untampered_shards_validate(data: Path, tmp_path: Path) -> None:
         (drop_row, "keys check failed: key {key!r} is missing"),
         (duplicate_row, "keys check failed: key {key!r} appears twice"),
         (nan_probability, "finite check failed: key {key!r} has NaN/inf"),
+        (probabilities_off, "probabilities check failed: key {key!r} sums to 0.900000"),
+        (wrong_prediction, "prediction check failed: key {key!r} is not the argmax"),
     ],
-    ids=["missing-key", "duplicated-key", "nan-prediction"],
+    ids=["missing-key", "duplicated-key", "nan-prediction", "sum-not-one", "not-argmax"],
 )
 def test_tampered_shard_fails_validation(
     data: Path, tmp_path: Path, change: Callable[[pa.Table], pa.Table], expected: str
@@ -210,3 +225,27 @@ def test_one_shard_parts_are_committed_only_when_every_shard_passes(data: Path, 
     victim = plan.shards[1].shard_id
     key = tamper(output, victim, drop_row)
     assert_refused(output, merge_and_validate(plan), victim, f"keys check failed: key {key!r} is missing")
+
+
+def test_a_chunk_whose_rows_all_go_to_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows that cannot be scored may fill a whole chunk: it adds error rows and no output rows, and the rest
+    of the shard is scored and validated as usual."""
+    import batchinfer.runner as runner
+
+    monkeypatch.setattr(runner, "CHUNK_ROWS_FEATURES", 100)
+    table = pa.table({"id": np.arange(300), "x0": np.arange(300, dtype=np.float32), "x1": np.ones(300, np.float32)})
+    x1 = table.column("x1").to_numpy().copy()
+    x1[100:200] = np.nan  # the second chunk, whole
+    table = table.set_column(2, "x1", pa.array(x1))
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet", row_group_size=100)
+    output = tmp_path / "out"
+    plan = prepare_started(**job(tmp_path / "in", output, shard_rows=300), max_error_ratio=0.5)
+    report = merge_and_validate(plan, score_pending(plan))
+    assert report.ok, report.failures
+    assert (report.rows_out, report.rows_error) == (200, 100)
+    merged = pq.read_table(output / "predictions").sort_by("id")
+    assert merged.column("id").to_pylist() == [*range(100), *range(200, 300)]
+    assert np.allclose(np.array(merged.column("probabilities").to_pylist()).sum(axis=1), 1.0)
+    errors = pq.read_table(output / "errors").column("id").to_pylist()
+    assert sorted(errors) == list(range(100, 200))
