@@ -51,20 +51,24 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     done = object()
     stop = threading.Event()
 
+    def put(entry: tuple[str, object]) -> bool:
+        """Queue `entry` unless the consumer has gone (a full queue must never hold this thread for good)."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(("item", item)):
                     return
-            buffer.put(("end", done))
+            put(("end", done))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
-            buffer.put(("error", exc))
+            put(("error", exc))
 
     thread = threading.Thread(target=produce, name="batchinfer-prefetch", daemon=True)
     thread.start()

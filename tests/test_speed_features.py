@@ -10,6 +10,7 @@ at a time; batch size "auto" halves on out-of-memory and remembers it.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,30 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
     assert next(stream) == 0
     stream.close()
     assert closed.wait(WAIT)
+
+
+def test_prefetch_lets_its_thread_go_when_the_consumer_fails_with_the_queue_full():
+    """The consumer fails while the last items wait in the full queue: the thread must not stay blocked."""
+    finished = threading.Event()
+
+    def items():
+        try:
+            yield from range(3)
+        finally:
+            finished.set()
+
+    def consume() -> None:
+        for item in prefetch(items(), depth=2):
+            threading.Event().wait(0.3)  # items 1 and 2 fill the queue; the end marker has no room
+            raise RuntimeError(f"scoring item {item} failed")
+
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="scoring item 0 failed"):
+        consume()
+    assert time.perf_counter() - started < 2.0, "the consumer waited for a blocked prefetch thread"
+    assert finished.wait(WAIT)
+    threading.Event().wait(0.3)
+    assert not [t for t in threading.enumerate() if t.name == "batchinfer-prefetch"]
 
 
 # -- the writer thread ---------------------------------------------------------------------------------------
