@@ -101,7 +101,7 @@ def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarr
     if len(features) == 1 and pa.types.is_fixed_size_list(batch.schema.field(features[0]).type):
         column = batch.column(features[0])
         width = column.type.list_size
-        values = column.flatten() if column.offset or column.null_count else column.values
+        values = column.flatten()  # no copy without nulls; `.values` would ignore a slice of the column
         matrix = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32)
         if column.null_count:
             full = np.full((rows, width), np.nan, dtype=np.float32)
@@ -118,7 +118,7 @@ def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarr
             column = batch.column(name)
             if column.null_count:
                 nulls[name] = np.asarray(column.is_null().to_numpy(zero_copy_only=False))
-                column = column.fill_null(0)
+                column = column.fill_null(False if pa.types.is_boolean(column.type) else 0)
             matrix[:, j] = column.to_numpy(zero_copy_only=False)
     # One flat pass settles the usual case; a per-row reduction over a C-ordered matrix is 4x slower.
     if np.isfinite(matrix).all():

@@ -249,3 +249,24 @@ def test_a_chunk_whose_rows_all_go_to_errors(tmp_path: Path, monkeypatch: pytest
     assert np.allclose(np.array(merged.column("probabilities").to_pylist()).sum(axis=1), 1.0)
     errors = pq.read_table(output / "errors").column("id").to_pylist()
     assert sorted(errors) == list(range(100, 200))
+
+
+def test_a_null_in_a_bool_feature_column_goes_to_errors(tmp_path: Path) -> None:
+    """Bool features are scored as 0/1; a null among them is an error row like a null float, not a crash."""
+    flags = [True, False, None, True, False, True]
+    table = pa.table({"id": np.arange(6), "x0": np.arange(6, dtype=np.float32), "x1": pa.array(flags, pa.bool_())})
+    (tmp_path / "in").mkdir()
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    output = tmp_path / "out"
+    plan = prepare_started(**job(tmp_path / "in", output), max_error_ratio=0.2)
+    report = merge_and_validate(plan, score_pending(plan))
+    assert report.ok, report.failures
+    errors = pq.read_table(output / "errors").to_pylist()
+    assert errors == [{"id": 2, "reason": "column 'x1' is null"}]
+    merged = pq.read_table(output / "predictions").sort_by("id")
+    # The model's logits are [x1, -x1, 0]: softmax([1, -1, 0]) where the flag is set, a three-way tie where not.
+    assert merged.column("id").to_pylist() == [0, 1, 3, 4, 5]
+    e = np.exp(1.0)
+    expected = {True: [e, 1 / e, 1.0] / (e + 1 / e + 1.0), False: np.full(3, 1 / 3)}
+    got = np.array(merged.column("probabilities").to_pylist())
+    assert np.allclose(got, [expected[flags[i]] for i in (0, 1, 3, 4, 5)], atol=1e-6)
