@@ -12,7 +12,7 @@ import json
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from batchinfer.errors import ConfigError
 
@@ -21,6 +21,9 @@ from batchinfer.errors import ConfigError
 # (41.7 MB against 46.6 MB) but took 1.5x as long to write and 2-3x as long to read back, and a run reads
 # every shard once more to validate it. Part of the output fingerprint: a rerun never mixes two codecs.
 OUTPUT_COMPRESSION = "snappy"
+
+# The columns scoring adds to each output row, beside the key and the passthrough columns.
+OUTPUT_COLUMNS = ("prediction", "probabilities", "embedding")
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
@@ -117,6 +120,21 @@ class RunConfig(BaseModel):
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("passthrough")
+    @classmethod
+    def _passthrough(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Each passthrough column becomes an output column: it may not take the place of another."""
+        seen: set[str] = set()
+        for name in value:
+            if name == info.data.get("key_column"):
+                raise ValueError(f"{name!r} is the key column, which every output row holds already")
+            if name in OUTPUT_COLUMNS:
+                raise ValueError(f"{name!r} is the name of an output column ({', '.join(OUTPUT_COLUMNS)})")
+            if name in seen:
+                raise ValueError(f"{name!r} is listed twice")
+            seen.add(name)
         return value
 
     @field_validator("storage_options", mode="before")

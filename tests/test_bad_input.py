@@ -177,6 +177,27 @@ def test_key_column_missing(data, capsys, tmp_path):
     assert line == f"column 'row_id' is missing from {data['good']}/part-00000.parquet"
 
 
+@pytest.mark.parametrize(
+    ("passthrough", "expected"),
+    [
+        ("id", "'id' is the key column, which every output row holds already (got 'id')"),
+        (
+            "f00,prediction",
+            "'prediction' is the name of an output column (prediction, probabilities, embedding) "
+            "(got 'f00,prediction')",
+        ),
+        ("f00,f01,f00", "'f00' is listed twice (got 'f00,f01,f00')"),
+    ],
+    ids=["key", "output-column", "twice"],
+)
+def test_passthrough_that_would_overwrite_a_column(data, tmp_path, capsys, passthrough, expected):
+    """Caught before planning: otherwise the column would silently replace another in every shard."""
+    out = tmp_path / "out"
+    line = refused(capsys, *mlp_args(data, data["good"], str(out), "--passthrough", passthrough))
+    assert line == f"--passthrough: {expected}"
+    assert not out.exists()
+
+
 def test_key_column_null(data, tmp_path, capsys):
     folder = tmp_path / "in"
     first, second = parts()
