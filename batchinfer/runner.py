@@ -312,13 +312,14 @@ def _predict_matrix(
             if not (cuda or strided_ok or x.is_contiguous()):
                 x = x.contiguous()
             try:
-                out = _as_output(predictor.predict(x.to(device.torch, non_blocking=True)), x.shape[0])
+                out = _as_output(predictor.predict(x.to(device.torch, non_blocking=cuda)), x.shape[0])
             except torch.OutOfMemoryError as exc:
                 size = _out_of_memory(exc, size, settings, spec, device)
                 continue
             if result is None:
                 result = torch.empty((rows, out.shape[1]), dtype=torch.float32, pin_memory=cuda)
-            result[start : start + x.shape[0]].copy_(out, non_blocking=True)
+            # Without blocking only on CUDA, into pinned memory and synchronised below (MPS copies do not wait).
+            result[start : start + x.shape[0]].copy_(out, non_blocking=cuda)
             start += x.shape[0]
     if cuda:
         torch.cuda.synchronize(device.torch)
@@ -370,7 +371,7 @@ def _predict_texts(
                 continue
             if result is None:
                 result = torch.empty((count, out.shape[1]), dtype=torch.float32, device=out.device)
-            result[torch.from_numpy(index).to(out.device, non_blocking=True)] = out
+            result[torch.from_numpy(index).to(out.device, non_blocking=out.device.type == "cuda")] = out
             start += len(index)
     assert result is not None
     return result.cpu().numpy()

@@ -94,3 +94,31 @@ def test_reduced_precisions_on_gpu_stay_close_to_fp32_on_cpu(tabular):
             assert torch.isfinite(probs).all(), precision
             assert (probs - reference).abs().mean() < limit, precision
             assert (probs.argmax(1) == reference.argmax(1)).float().mean() > 0.9, precision
+
+
+class _MakesATensor(torch.nn.Module):
+    """Its forward creates a tensor: torch.export records that tensor's device (the CPU, where it exported)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + torch.arange(4, dtype=x.dtype)
+
+
+def test_exported_program_that_creates_tensors_runs_on_the_gpu(tmp_path):
+    from batchinfer.models.exported import resolve
+
+    torch.manual_seed(0)
+    module = _MakesATensor().eval()
+    path = tmp_path / "model.pt2"
+    program = torch.export.export(module, (torch.randn(4, 3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(path))
+    spec = resolve(str(path), precision="fp32", features=["a", "b", "c"], storage_options={})
+    x = torch.randn(64, 3)
+    with torch.inference_mode():
+        on_gpu = spec.load(torch.device("cuda:0")).predict(x.to("cuda:0")).cpu()
+        on_cpu = spec.load(torch.device("cpu")).predict(x)
+        expected = torch.softmax(module(x), dim=1)
+    assert torch.allclose(on_gpu, expected, atol=1e-5) and torch.allclose(on_cpu, expected, atol=1e-6)

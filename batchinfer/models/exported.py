@@ -28,6 +28,11 @@ def _load_module(data: bytes, uri: str, device: torch.device) -> Any:
         try:
             if suffix == ".pt2":
                 program = torch.export.load(path)
+                if device.type != "cpu":
+                    # Tensors the graph creates (torch.zeros(..., device="cpu") at export) move too, not only weights.
+                    from torch.export.passes import move_to_device_pass
+
+                    program = move_to_device_pass(program, device)
                 return program.module().to(device)
             return torch.jit.load(path, map_location=device).eval()
         except Exception as exc:  # noqa: BLE001

@@ -92,8 +92,11 @@ class MiniLMPredictor:
         mask = np.arange(int(lengths.max())) < lengths[:, None]
         tokens = np.full(mask.shape, self.pad_id, dtype=np.int64)
         tokens[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-        input_ids = torch.from_numpy(tokens).to(self.device, non_blocking=True)
-        mask = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=True)
+        # Without blocking only on CUDA, which stages a copy from pageable memory before returning; MPS may
+        # still read `tokens` after this function has dropped it.
+        cuda = self.device.type == "cuda"
+        input_ids = torch.from_numpy(tokens).to(self.device, non_blocking=cuda)
+        mask = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=cuda)
         with self.runner.context():
             out = self.model(input_ids, mask)
         out = out.float()
