@@ -18,8 +18,14 @@ from batchinfer.storage import Storage, is_transient, storage_error
 T = TypeVar("T")
 
 
-def iter_shard(storage: Storage, shard: Shard, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of the shard's row groups; never the whole partition at once."""
+def iter_shard(
+    storage: Storage, shard: Shard, columns: list[str], chunk_rows: int, *, decode_threads: bool = False
+) -> Iterator[pa.RecordBatch]:
+    """Record batches of the shard's row groups; never the whole partition at once.
+
+    `decode_threads`: decode a chunk's columns on Arrow's thread pool. Worth it only where the cores are
+    not busy with the model (an accelerator); on the CPU the prefetch thread alone overlaps the model.
+    """
     uri = shard.partition_uri
     with storage.open(uri) as handle:
         try:
@@ -31,9 +37,7 @@ def iter_shard(storage: Storage, shard: Shard, columns: list[str], chunk_rows: i
                 batch_size=chunk_rows,
                 row_groups=range(shard.rg_start, shard.rg_stop),
                 columns=columns,
-                # The caller's prefetch thread is the parallelism: Arrow's own pool would only
-                # compete with the model's threads for the same cores.
-                use_threads=False,
+                use_threads=decode_threads,
             )
             yield from batches
         except InputError:

@@ -151,7 +151,8 @@ def _score_and_commit(
     error_reasons: list[str] = []
     # Three stages overlap: the prefetch thread reads, decodes (and tokenizes) the next chunk, this thread
     # runs the model, the writer thread encodes the previous chunk's output.
-    chunks = _with_tokens(iter_shard(in_storage, shard, columns, chunk_rows), settings, predictor, text)
+    batches = iter_shard(in_storage, shard, columns, chunk_rows, decode_threads=device.is_accelerator)
+    chunks = _with_tokens(batches, settings, predictor, text)
     with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
         writer = BackgroundWriter(tmp)
         try:

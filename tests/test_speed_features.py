@@ -236,6 +236,12 @@ def test_iter_shard_yields_at_most_chunk_rows(tmp_path: Path):
     sizes = [b.num_rows for b in iter_shard(storage, shard, ["id", "f00"], chunk_rows=300)]
     assert sum(sizes) == 5_000
     assert max(sizes) <= 300
+    # Decoding on Arrow's threads (what an accelerator's shard does) gives the same chunks, value for value.
+    columns = ["id", *demo.FEATURE_NAMES]
+    one = list(iter_shard(storage, shard, columns, chunk_rows=300))
+    threaded = list(iter_shard(storage, shard, columns, chunk_rows=300, decode_threads=True))
+    assert [b.num_rows for b in threaded] == sizes
+    assert all(a.equals(b) for a, b in zip(one, threaded, strict=True))
 
 
 def test_the_runner_never_holds_more_than_a_chunk_of_features(tmp_path: Path, tabular, monkeypatch):
