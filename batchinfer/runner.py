@@ -149,16 +149,15 @@ def _score_and_commit(
     chunk_rows = CHUNK_ROWS_TEXT if text else CHUNK_ROWS_FEATURES
     error_keys: list[Any] = []
     error_reasons: list[str] = []
-    # Three stages overlap: the prefetch thread reads and decodes the next chunk and makes the model's input
-    # (token ids; the feature matrix, pinned on CUDA), this thread runs the model, the writer thread encodes
-    # the previous chunk's output.
+    # Three stages overlap: the prefetch thread reads, decodes (and tokenizes) the next chunk, this thread
+    # runs the model, the writer thread encodes the previous chunk's output.
     batches = iter_shard(in_storage, shard, columns, chunk_rows, decode_threads=device.is_accelerator)
-    chunks = _prepared(batches, settings, spec, predictor, device)
+    chunks = _with_tokens(batches, settings, predictor, text)
     with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
         writer = BackgroundWriter(tmp)
         try:
-            for batch, ready in prefetch(chunks):
-                table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, ready)
+            for batch, tokens in prefetch(chunks):
+                table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
                 writer.write(table)
                 error_keys.extend(bad_keys)
                 error_reasons.extend(bad_reasons)
@@ -206,39 +205,17 @@ def _write_errors(
         pq.write_table(table, tmp, compression=OUTPUT_COMPRESSION)
 
 
-# A chunk's model input, made in the prefetch thread: token ids of the non-null texts (None when the model
-# takes raw texts), or for features the rows that can be scored, the mask of those rows and why the others
-# cannot be.
-Features = tuple[Any, np.ndarray, list[str]]
-
-
-def _prepared(
-    batches: Iterator[pa.RecordBatch], settings: ShardSettings, spec: ModelSpec, predictor: Predictor, device: Device
-) -> Iterator[tuple[pa.RecordBatch, Any]]:
-    """Pair each chunk with its model input, so that tokenizing or building the matrix (and pinning it) is
-    done in the prefetch thread, not between the device's forward passes."""
-    if spec.input_kind != "text":
-        for batch in batches:
-            yield batch, _features(batch, settings, device)
-        return
-    tokenize = getattr(predictor, "tokenize", None)
+def _with_tokens(
+    batches: Iterator[pa.RecordBatch], settings: ShardSettings, predictor: Predictor, text: bool
+) -> Iterator[tuple[pa.RecordBatch, list[list[int]] | None]]:
+    """Pair each chunk with the token ids of its non-null texts, so tokenizing happens in the prefetch thread."""
+    tokenize = getattr(predictor, "tokenize", None) if text else None
     for batch in batches:
         if tokenize is None or getattr(predictor, "encode_ids", None) is None:
             yield batch, None
             continue
         texts = batch.column(settings.text_column)
         yield batch, tokenize(texts.drop_null().to_pylist()) if len(texts) else []
-
-
-def _features(batch: pa.RecordBatch, settings: ShardSettings, device: Device) -> Features:
-    """The rows of `batch` that can be scored as a matrix; on CUDA already C-ordered in pinned memory."""
-    matrix, ok, reasons = feature_matrix(batch, list(settings.features))
-    good: np.ndarray | torch.Tensor = matrix if ok.all() else matrix[ok]
-    if device.torch_name.startswith("cuda") and len(good):
-        with warnings.catch_warnings():  # a read-only zero-copy view is fine: nothing writes into it
-            warnings.simplefilter("ignore", UserWarning)
-            good = torch.from_numpy(np.ascontiguousarray(good)).pin_memory()
-    return good, ok, reasons
 
 
 def batch_size_for(settings: ShardSettings, spec: ModelSpec, device: Device) -> int:
@@ -275,21 +252,19 @@ def _score_chunk(
     predictor: Predictor,
     device: Device,
     shard: Shard,
-    ready: Any = None,
+    tokens: list[list[int]] | None = None,
 ) -> tuple[pa.Table, list[Any], list[str]]:
-    """Score one chunk; return the output table of good rows and the keys/reasons of bad rows.
-
-    `ready` is the chunk's model input from `_prepared` (made here when not given).
-    """
+    """Score one chunk; return the output table of good rows and the keys/reasons of bad rows."""
     keys = batch.column(settings.key_column)
     if spec.input_kind == "text":
         texts = batch.column(settings.text_column)
         ok = ~np.asarray(texts.is_null().to_numpy(zero_copy_only=False))
         reasons = [f"text column {settings.text_column!r} is null"] * int((~ok).sum())
-        good_texts = texts.filter(pa.array(ok)).to_pylist() if ready is None else []
-        values = _predict_texts(good_texts, settings, spec, predictor, device, ready)
+        good_texts = texts.filter(pa.array(ok)).to_pylist() if tokens is None else []
+        values = _predict_texts(good_texts, settings, spec, predictor, device, tokens)
     else:
-        good, ok, reasons = ready if ready is not None else _features(batch, settings, device)
+        matrix, ok, reasons = feature_matrix(batch, list(settings.features))
+        good = matrix if ok.all() else matrix[ok]
         values = _predict_matrix(good, settings, spec, predictor, device)
     _check_outputs(values, spec, shard, keys.filter(pa.array(ok)))
     good_keys = keys if ok.all() else keys.filter(pa.array(ok))
@@ -310,27 +285,23 @@ def _score_chunk(
 
 
 def _predict_matrix(
-    matrix: np.ndarray | torch.Tensor, settings: ShardSettings, spec: ModelSpec, predictor: Predictor, device: Device
+    matrix: np.ndarray, settings: ShardSettings, spec: ModelSpec, predictor: Predictor, device: Device
 ) -> np.ndarray:
     """Mini-batches of `matrix` through the model, into one preallocated output.
 
     On the CPU the batches are views of the matrix (column-major when the
     features came as separate columns); a predictor that needs contiguous
-    input gets a copy of each batch only. On CUDA the chunk comes pinned (as a
-    tensor, from `_features`; a matrix is pinned here) and each batch is copied
-    without blocking.
+    input gets a copy of each batch only. On CUDA the chunk is pinned once and
+    each batch copied without blocking.
     """
     rows = matrix.shape[0]
     if rows == 0:
         return np.zeros((0, 0), dtype=np.float32)
     cuda = device.torch_name.startswith("cuda")
-    if isinstance(matrix, torch.Tensor):
-        host = matrix
-    else:
-        with warnings.catch_warnings():  # a read-only zero-copy view is fine: nothing writes into the inputs
-            warnings.simplefilter("ignore", UserWarning)
-            host = torch.from_numpy(np.ascontiguousarray(matrix) if cuda else matrix)
-    if cuda and not host.is_pinned():
+    with warnings.catch_warnings():  # a read-only zero-copy view is fine: nothing writes into the inputs
+        warnings.simplefilter("ignore", UserWarning)
+        host = torch.from_numpy(np.ascontiguousarray(matrix) if cuda else matrix)
+    if cuda:
         host = host.pin_memory()
     strided_ok = bool(getattr(predictor, "accepts_strided", False))
     size = batch_size_for(settings, spec, device)

@@ -246,12 +246,10 @@ def test_iter_shard_yields_at_most_chunk_rows(tmp_path: Path):
 
 def test_the_runner_never_holds_more_than_a_chunk_of_features(tmp_path: Path, tabular, monkeypatch):
     seen: list[int] = []
-    threads: set[str] = set()
     original = runner.feature_matrix
 
     def recording(batch, features):
         seen.append(batch.num_rows)
-        threads.add(threading.current_thread().name)
         return original(batch, features)
 
     monkeypatch.setattr(runner, "feature_matrix", recording)
@@ -267,7 +265,6 @@ def test_the_runner_never_holds_more_than_a_chunk_of_features(tmp_path: Path, ta
     assert table.num_rows == 20_000
     assert sum(seen) == 20_000
     assert max(seen) <= 700
-    assert threads == {"batchinfer-prefetch"}, "the matrix is built ahead, not between the forward passes"
 
 
 # -- text: sorted by length inside, original order outside --------------------------------------------------
@@ -328,9 +325,7 @@ def test_texts_tokenized_in_the_prefetch_thread_come_back_in_order():
     texts = demo.sentences(30, seed=4)
     model = _LengthEmbedder()
     batch = pa.record_batch({"id": np.arange(30), "text": texts})
-    [(got_batch, tokens)] = list(
-        runner._prepared(iter([batch]), _text_settings(), _spec(), model, Device("cpu", "cpu"))
-    )
+    [(got_batch, tokens)] = list(runner._with_tokens(iter([batch]), _text_settings(), model, text=True))
     assert got_batch is batch and tokens == model.tokenize(texts)
     out = runner._predict_texts([], _text_settings(), _spec(), model, Device("cpu", "cpu"), tokens)
     assert out[:, 0].tolist() == [len(t.split()) for t in texts]
