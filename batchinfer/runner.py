@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from batchinfer import progress
+from batchinfer.config import OUTPUT_COMPRESSION
 from batchinfer.devices import Device, DevicePool
 from batchinfer.errors import BatchInferError, ModelError, ShardFailedError
 from batchinfer.layout import Layout
@@ -32,7 +33,7 @@ from batchinfer.models.base import ModelSpec, Predictor
 from batchinfer.planning import Shard
 from batchinfer.reader import feature_matrix, iter_shard, prefetch
 from batchinfer.storage import Storage
-from batchinfer.writer import OUTPUT_COMPRESSION, BackgroundWriter
+from batchinfer.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 

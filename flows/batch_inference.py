@@ -148,6 +148,11 @@ def run_shards(plan: Plan, progress: Progress) -> dict[str, dict[str, Any]]:
             future = runner.submit(task, {"config": config, "settings": plan.settings, "shard": shard, "gate": gate})
             waiting.append((future, shard, gate))
 
+    def admit(lease: UUID) -> None:  # the first waiting shard gets the slot and may start scoring
+        future, shard, gate = waiting.pop(0)
+        gate.open()
+        running[future] = (shard, lease, gate)
+
     def collect(future: Any, shard: Shard) -> None:
         future.wait()  # sets the final state from the future itself; the API's copy can lag behind
         state = future.state
@@ -168,9 +173,7 @@ def run_shards(plan: Plan, progress: Progress) -> dict[str, dict[str, Any]]:
             start_waiting(runner)
             while waiting or running or finishing:
                 while waiting and len(running) < devices and (lease := slots.try_take()) is not None:
-                    future, shard, gate = waiting.pop(0)
-                    gate.open()
-                    running[future] = (shard, lease, gate)
+                    admit(lease)
                 start_waiting(runner)
                 if finished_since_update:  # after starting shards: they need not wait for this call
                     progress.update(_percent(plan, results))
@@ -185,9 +188,7 @@ def run_shards(plan: Plan, progress: Progress) -> dict[str, dict[str, Any]]:
                 for future in [f for f in running if f.wrapped_future.done() or running[f][2].freed.done()]:
                     shard, lease, _ = running.pop(future)
                     if waiting:  # hand the slot to the next shard: no round trip to the server between shards
-                        next_future, next_shard, gate = waiting.pop(0)
-                        gate.open()
-                        running[next_future] = (next_shard, lease, gate)
+                        admit(lease)
                     else:
                         slots.give_back(lease)
                     finishing[future] = shard
