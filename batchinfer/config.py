@@ -1,8 +1,10 @@
-"""The run configuration: one typed, validated, frozen object.
+"""The run configuration: one schema, declared once, grouped as the Prefect UI form shows it.
 
-Every entry point (CLI, flow parameters, rerun from a manifest) builds a
-`RunConfig`; validation happens here, up front, with messages that name the
-field and the bad value.
+`InputConfig`, `ModelConfig`, `ComputeConfig` and `OutputConfig` are the flow's
+parameters (their descriptions, bounds and choices become the UI form and the
+server-side check of every run), the groups of `RunConfig` that the core and the
+tasks take, and the source of the CLI's flags (`cli/`). Validation happens here,
+up front, with messages that name the field and the bad value.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from batchinfer.errors import ConfigError
 
-# Snappy, Parquet's most widely read codec (pyarrow's and Spark's default). Model outputs are distinct floats
-# that barely compress: on 1,000,000 rows of 10 probabilities zstd made the file 10% smaller than snappy
-# (41.7 MB against 46.6 MB) but took 1.5x as long to write and 2-3x as long to read back, and a run reads
-# every shard once more to validate it. Part of the output fingerprint: a rerun never mixes two codecs.
+# Snappy, Parquet's most widely read codec (pyarrow's and Spark's default): the reasons and figures are in
+# BENCHMARKS.md. Part of the output fingerprint: a rerun never mixes two codecs.
 OUTPUT_COMPRESSION = "snappy"
 
 # The columns scoring adds to each output row, beside the key and the passthrough columns.
@@ -27,93 +27,60 @@ OUTPUT_COLUMNS = ("prediction", "probabilities", "embedding")
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
+Engine = Literal["local", "processes"]
+ENGINES: tuple[str, ...] = ("local", "processes")
 
-# Per-shard overhead (a Prefect task plus the commit) is about 40 ms, ~1% of a 1,000,000-row MLP shard on two
-# CPU cores (BENCHMARKS.md); on a SQLite-backed server the `gpu` tag's slot retries can add ~2 s a shard.
+# A 1,000,000-row MLP shard keeps the per-shard overhead (a Prefect task plus the commit) near 1-2% (BENCHMARKS.md).
 DEFAULT_SHARD_ROWS = 1_000_000
 DEFAULT_BATCH_SIZE = 1024
 
 _SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session")
 _SECRET_KEYS = {"key", "aws_access_key_id", "access_key", "access_key_id", "client_secret"}
 
+_GROUP = ConfigDict(frozen=True, extra="forbid")
 
-class RunConfig(BaseModel):
-    """Everything that defines a batch-inference run."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+def _strip(value: str) -> str:
+    if not value or not value.strip():
+        raise ValueError("must not be empty")
+    return value.strip()
 
-    input_uri: str = Field(description="Folder, glob or file of Parquet partitions (local path or s3://).")
-    output_uri: str = Field(description="Where shards, markers, merged predictions and the manifest go.")
-    model: str = Field(
-        description="'mlp', 'minilm', a TorchScript '.pt' / torch.export '.pt2' file, or 'package.module:factory'."
+
+class InputConfig(BaseModel):
+    """Where the rows come from and which columns matter."""
+
+    model_config = ConfigDict(**_GROUP, title="Input")
+
+    uri: str = Field(
+        min_length=1,
+        title="Input URI",
+        description="Folder, glob or file of Parquet partitions: a local path or s3://bucket/prefix.",
     )
-    checkpoint: str | None = Field(default=None, description="Checkpoint URI (the 'mlp' model needs one).")
-    key_column: str = Field(default="id", description="Column that identifies each row; must be unique.")
+    key_column: str = Field(
+        default="id", min_length=1, title="Key column", description="Column that identifies each row; must be unique."
+    )
     features: list[str] | None = Field(
-        default=None, description="Feature columns (names or globs). Default: the names recorded in the checkpoint."
+        default=None,
+        title="Feature columns",
+        description="Feature columns (names or globs such as 'f*'). Empty: the names recorded in the checkpoint.",
     )
-    text_column: str | None = Field(default=None, description="Text column for text models such as 'minilm'.")
-    passthrough: list[str] = Field(default_factory=list, description="Input columns copied to the output as they are.")
-    batch_size: int = Field(
-        default=DEFAULT_BATCH_SIZE,
-        description="Rows per forward pass; 0 = auto: the largest that fits on each GPU (halving on out-of-memory, "
-        "remembered per device), the measured best on the CPU.",
+    text_column: str | None = Field(
+        default=None, title="Text column", description="Text column, for text models such as minilm."
     )
-    shard_rows: int = Field(default=DEFAULT_SHARD_ROWS, description="Target rows per shard (whole row groups).")
-    devices: str = Field(default="auto", description="'auto', a count, 'cpu', or a list such as 'cuda:0,cuda:2'.")
-    precision: Precision = Field(
-        default="fp32", description="fp32, bf16/fp16 autocast, or int8 dynamic quantisation (CPU)."
+    passthrough: list[str] = Field(
+        default_factory=list, title="Passthrough columns", description="Input columns copied unchanged to the output."
     )
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec/s3fs options, e.g. endpoint and credentials."
+        default_factory=dict,
+        title="Storage options",
+        description='fsspec/s3fs options as a JSON object, such as {"client_kwargs": {"endpoint_url": ...}}. '
+        "Prefer credentials from the worker's environment.",
     )
-    min_success_ratio: float = Field(
-        default=1.0, description="Share of shards that must succeed for the run to succeed."
-    )
-    max_error_ratio: float = Field(
-        default=0.0, description="Share of a shard's rows allowed to fail scoring before the shard fails."
-    )
-    overwrite: bool = Field(default=False, description="Replace an output that holds a run with another configuration.")
-    concurrency_tag: str = Field(
-        default="gpu",
-        description="Tag of the inference task; also the name of the Prefect global concurrency limit set to the device count.",
-    )
-    cpu_threads: int | None = Field(default=None, description="Torch threads per CPU device (default: all cores).")
 
-    @field_validator("input_uri", "output_uri", "model", "key_column")
+    @field_validator("uri", "key_column")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value or not value.strip():
-            raise ValueError("must not be empty")
-        return value.strip()
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_size(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError("must be a positive number of rows (or 0 for auto)")
-        return value
-
-    @field_validator("shard_rows")
-    @classmethod
-    def _shard_rows(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be a positive number of rows")
-        return value
-
-    @field_validator("min_success_ratio", "max_error_ratio")
-    @classmethod
-    def _ratio(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError("must be between 0 and 1")
-        return value
-
-    @field_validator("cpu_threads")
-    @classmethod
-    def _threads(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1")
-        return value
+        return _strip(value)
 
     @field_validator("features", "passthrough", mode="before")
     @classmethod
@@ -146,16 +113,165 @@ class RunConfig(BaseModel):
             return parse_storage_options(value)
         return value
 
+
+class ModelConfig(BaseModel):
+    """Which model scores the rows."""
+
+    model_config = ConfigDict(**_GROUP, title="Model", protected_namespaces=())
+
+    model: str = Field(
+        min_length=1,
+        title="Model",
+        description="'mlp', 'minilm', a '.pt' (TorchScript) or '.pt2' (torch.export) file, or 'package.module:factory'.",
+    )
+    checkpoint: str | None = Field(
+        default=None, title="Checkpoint", description="Safetensors checkpoint URI (needed by 'mlp')."
+    )
+    precision: Precision = Field(
+        default="fp32",
+        title="Precision",
+        description="fp32, bf16/fp16 autocast, or int8 dynamic quantisation (CPU, built-in models).",
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        return _strip(value)
+
+
+class ComputeConfig(BaseModel):
+    """How the work is spread over devices."""
+
+    model_config = ConfigDict(**_GROUP, title="Compute")
+
+    devices: str = Field(
+        default="auto",
+        min_length=1,
+        title="Devices",
+        description="'auto' (every GPU, else the CPU), a count, 'cpu', or a list such as 'cuda:0,cuda:2'.",
+    )
+    batch_size: int = Field(
+        default=DEFAULT_BATCH_SIZE,
+        ge=0,
+        title="Batch size",
+        description="Rows per forward pass; 0 = auto: the largest that fits on each GPU (halving on out-of-memory, "
+        "remembered per device), the measured best on the CPU.",
+    )
+    shard_rows: int = Field(
+        default=DEFAULT_SHARD_ROWS,
+        ge=1,
+        title="Rows per shard",
+        description="Target rows per shard (whole row groups). A shard is the unit of progress and retry.",
+    )
+    cpu_threads: int | None = Field(
+        default=None, ge=1, title="CPU threads", description="Torch threads per CPU device (empty: all cores)."
+    )
+    engine: Engine = Field(
+        default="local",
+        title="Engine",
+        description="What runs the shards: 'local' (threads in the flow's process) or 'processes' "
+        "(Prefect's process pool, one worker process per device).",
+    )
+
+
+class OutputConfig(BaseModel):
+    """Where results go and what counts as success."""
+
+    model_config = ConfigDict(**_GROUP, title="Output")
+
+    uri: str = Field(min_length=1, title="Output URI", description="Output folder: local path or s3://bucket/prefix.")
+    overwrite: bool = Field(
+        default=False, title="Overwrite", description="Replace an output that holds a run with another configuration."
+    )
+    min_success_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, title="Min success ratio", description="Share of shards that must succeed."
+    )
+    max_error_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        title="Max error ratio",
+        description="Share of a shard's rows allowed to fail scoring (they go to errors/).",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        return _strip(value)
+
+
+GROUPS: dict[str, type[BaseModel]] = {
+    "input": InputConfig,
+    "model": ModelConfig,
+    "compute": ComputeConfig,
+    "output": OutputConfig,
+}
+
+
+def flat_name(group: str, field: str) -> str:
+    """A field's name outside its group: `input_uri`, `output_uri`, else the field's own name."""
+    return f"{group}_uri" if field == "uri" else field
+
+
+def flag(group: str, field: str) -> str:
+    """A field's command-line flag: `--input`, `--output`, else `--field-name`."""
+    return "--" + (group if field == "uri" else field.replace("_", "-"))
+
+
+FLAT_FIELDS: dict[str, tuple[str, str]] = {
+    flat_name(group, field): (group, field) for group, model in GROUPS.items() for field in model.model_fields
+}
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a batch-inference run: the four groups of the flow's parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    input: InputConfig
+    model: ModelConfig
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    output: OutputConfig
+
     def redacted(self) -> dict[str, Any]:
         """The config as JSON-ready data with credentials masked (for manifests, logs, artifacts)."""
         data = self.model_dump(mode="json")
-        data["storage_options"] = redact(data["storage_options"])
+        data["input"]["storage_options"] = redact(data["input"]["storage_options"])
         return data
 
     def output_fingerprint(self) -> str:
         """Hash of the settings that shape a shard's output columns besides the model."""
-        payload = {"key": self.key_column, "passthrough": list(self.passthrough), "compression": OUTPUT_COMPRESSION}
+        payload = {
+            "key": self.input.key_column,
+            "passthrough": list(self.input.passthrough),
+            "compression": OUTPUT_COMPRESSION,
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        return self.input.storage_options
+
+    def flat(self) -> dict[str, Any]:
+        """Every field by its flat name (the keyword arguments of `make_config`)."""
+        return {name: getattr(getattr(self, g), f) for name, (g, f) in FLAT_FIELDS.items()}
+
+    def replace(self, **flat: Any) -> RunConfig:
+        """A copy with some fields changed, by flat name, validated again."""
+        return make_config(**{**self.flat(), **flat})
+
+    def parameters(self) -> dict[str, BaseModel]:
+        """The flow's parameters for this config, credentials swapped for placeholders (`hold_secrets`)."""
+        held = self.input.model_copy(update={"storage_options": hold_secrets(self.input.storage_options)})
+        return {"input": held, "model": self.model, "compute": self.compute, "output": self.output}
+
+    @classmethod
+    def from_parameters(
+        cls, input: InputConfig, model: ModelConfig, compute: ComputeConfig, output: OutputConfig
+    ) -> RunConfig:
+        """The config a flow run was given, with the credentials this process holds put back."""
+        released = input.model_copy(update={"storage_options": release_secrets(input.storage_options)})
+        return cls(input=released, model=model, compute=compute, output=output)
 
 
 def parse_storage_options(text: str) -> dict[str, Any]:
@@ -236,16 +352,33 @@ def _is_placeholder(value: Any) -> bool:
     return isinstance(value, str) and (value == "***" or value.startswith(_HELD_PREFIX))
 
 
-def make_config(**kwargs: Any) -> RunConfig:
-    """Build a RunConfig, turning pydantic's errors into one line naming field and value."""
+def make_config(**flat: Any) -> RunConfig:
+    """Build a RunConfig from fields by flat name (`FLAT_FIELDS`); an error is one line naming the flag and value."""
+    groups: dict[str, dict[str, Any]] = {}
+    for name, value in flat.items():
+        if name not in FLAT_FIELDS:
+            raise ConfigError(f"unknown setting {name!r} (known: {', '.join(FLAT_FIELDS)})")
+        group, field = FLAT_FIELDS[name]
+        groups.setdefault(group, {})[field] = value
     try:
-        return RunConfig(**kwargs)
+        return RunConfig(**groups)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "config"
-        shown = first.get("input")
-        if field.startswith("storage_options"):
-            shown = "<hidden>"
-        message = first["msg"].removeprefix("Value error, ")
-        flag = "--" + field.split(".")[0].replace("_", "-")
-        raise ConfigError(f"{flag}: {message} (got {shown!r})") from None
+        raise config_error(exc) from None
+
+
+def config_error(exc: ValidationError, *, prefix: tuple[str, ...] = ()) -> ConfigError:
+    """pydantic's first error as one line: the flag, what is wrong, and the value (never a credential)."""
+    first = exc.errors()[0]
+    loc = [*prefix, *(str(p) for p in first["loc"])]
+    name = flag(loc[0], loc[1]) if len(loc) > 1 and loc[0] in GROUPS else "--" + (loc[0] if loc else "config")
+    shown = "<hidden>" if "storage_options" in loc else first.get("input")
+    context = first.get("ctx") or {}
+    messages = {
+        "greater_than_equal": f"must be at least {context.get('ge')}",
+        "less_than_equal": f"must be at most {context.get('le')}",
+        "missing": "is required",
+    }
+    message = messages.get(first["type"], first["msg"].removeprefix("Value error, "))
+    if first["type"] == "missing":
+        return ConfigError(f"{name}: {message}")
+    return ConfigError(f"{name}: {message} (got {shown!r})")

@@ -1,31 +1,37 @@
-"""Devices: discovery, a lending pool (one device per running shard), and per-device model cache.
+"""Devices: discovery, ownership on the host (one running shard per device), and the per-process model cache.
 
-Each running shard borrows exactly one device from the pool and gives it back
-in `finally`, so an exception mid-shard cannot leak it. Each device keeps one
-loaded model, reused across the shards it runs; loading a different model on
-that device replaces it. All of a device's torch work runs on that device's
-own long-lived thread (`DevicePool.run`).
+A running shard owns its device through an exclusive `flock` on a per-host,
+per-device lock file (`hold_device`): runs on one host never share a device,
+and the kernel frees a device the moment its holder dies, however it dies.
+Each process keeps one loaded model per device, reused across the shards it
+runs there; all of a device's torch work runs on that device's own long-lived
+thread (`DeviceWorkers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ctypes
+import fcntl
+import hashlib
+import json
 import logging
 import os
-import queue
+import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
-from batchinfer.errors import DeviceError
+from batchinfer.errors import DeviceError, Stopped
 from batchinfer.models.base import ModelSpec, Predictor
 
 log = logging.getLogger(__name__)
@@ -109,69 +115,206 @@ def _count(text: str, spec: str) -> int:
     return count
 
 
-@dataclass
-class LeaseRecord:
-    device: str
-    shard_id: str
-    start: float
-    end: float = 0.0
+# Per-host device locks live here. Override with BATCHINFER_LOCK_DIR, for example on a host whose /tmp is
+# private per service: every process that may use the same GPUs must see the same folder.
+LOCK_DIR_ENV = "BATCHINFER_LOCK_DIR"
+
+
+def lock_dir() -> str:
+    folder = os.environ.get(LOCK_DIR_ENV) or os.path.join(tempfile.gettempdir(), "batchinfer-devices")
+    if not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
+        with contextlib.suppress(OSError):  # shared by every user of the host's GPUs
+            os.chmod(folder, 0o1777)
+    return folder
+
+
+def device_key(device: Device) -> str:
+    """What names a device on this host whatever CUDA_VISIBLE_DEVICES says: the GPU's UUID where torch has it."""
+    if device.torch_name.startswith("cuda"):
+        index = device.torch.index or 0
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        if uuid is not None:
+            return f"cuda-{uuid}"
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        return f"cuda-{visible[index] if index < len(visible) else index}"
+    return device.name.replace(":", "-")
 
 
 @dataclass
-class DevicePool:
-    """Lends each device to one shard at a time."""
+class Lease:
+    """A device held by this shard: released by the kernel when the process ends, however it ends."""
 
-    devices: list[Device]
-    _free: queue.Queue = field(init=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _models: dict[str, tuple[str, Predictor]] = field(default_factory=dict, init=False, repr=False)
-    _model_locks: dict[str, threading.Lock] = field(default_factory=dict, init=False, repr=False)
-    _threads: dict[str, ThreadPoolExecutor] = field(default_factory=dict, init=False, repr=False)
-    held: dict[str, str] = field(default_factory=dict, init=False)
-    history: list[LeaseRecord] = field(default_factory=list, init=False)
-    loads: list[tuple[str, str]] = field(default_factory=list, init=False)
+    device: Device
+    waited_seconds: float = 0.0
+    waited_for: str = ""  # who held the device while this shard waited, as the lock file said
 
-    def __post_init__(self) -> None:
-        self._free = queue.Queue()
-        for device in self.devices:
-            self._free.put(device)
-            self._model_locks[device.name] = threading.Lock()
 
-    @contextmanager
-    def lease(self, shard_id: str, timeout: float | None = None) -> Iterator[Device]:
-        """Borrow a device for one shard; it goes back whatever happens."""
-        try:
-            device = self._free.get(timeout=timeout)
-        except queue.Empty:
-            raise DeviceError(f"no device became free within {timeout} s for shard {shard_id}") from None
-        record = LeaseRecord(device.name, shard_id, time.monotonic())
+def _holder(fd: int) -> str:
+    """The holder a lock file names ('pid 123 on host, shard ..., run ...'), or '' when unknown."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return ""
+    parts = [f"pid {info.get('pid')} on {info.get('host')}", f"shard {info.get('shard')}"]
+    if info.get("run"):
+        parts.append(str(info["run"]))
+    return ", ".join(parts)
+
+
+def _open_lock(device: Device) -> int:
+    path = os.path.join(lock_dir(), device_key(device) + ".lock")
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file: flock needs no write access
+        return os.open(path, os.O_RDONLY)
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextmanager
+def hold_device(
+    devices: list[Device], shard_id: str, *, run: str = "", prefer: Sequence[str] = (), on_wait: Callable[[str], None]
+) -> Iterator[Lease]:
+    """Own one of `devices` for a shard, through an exclusive `flock` on the device's lock file on this host.
+
+    A free device is taken at once, those in `prefer` (say, with the model already loaded here) first.
+    When every device is held, by this run or by another process, the shard waits on one of them and
+    `on_wait` is told which device and who holds it. flock, not lockf: it also excludes other threads
+    of this process, and the kernel drops it the moment the holder dies, so a killed run leaks nothing.
+    """
+    ordered = sorted(devices, key=lambda d: d.name not in prefer)
+    fds = {d.name: _open_lock(d) for d in ordered}
+    lease: Lease | None = None
+    try:
+        for device in ordered:
+            if _try_lock(fds[device.name]):
+                lease = Lease(device)
+                break
+        if lease is None:
+            device = ordered[0] if prefer and ordered[0].name in prefer else ordered[_spread(shard_id, len(ordered))]
+            holder = _holder(fds[device.name])
+            on_wait(f"shard {shard_id} is waiting for {device.name}, held by {holder or 'another process'}")
+            started = time.perf_counter()
+            _wait_for_lock(fds.pop(device.name), shard_id, fds, device.name)
+            lease = Lease(device, round(time.perf_counter() - started, 3), holder)
+        fd = fds.pop(lease.device.name)
+        for other in fds.values():
+            os.close(other)
+        fds = {lease.device.name: fd}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "shard": shard_id, "run": run, "since": time.time()}
+        with contextlib.suppress(OSError):  # a read-only lock file still locks; it just names no holder
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield lease
+    finally:
+        for fd in fds.values():
+            os.close(fd)  # closing the only descriptor drops its flock
+
+
+_stopping = threading.Event()
+_waiting: set[threading.Event] = set()
+_waiting_lock = threading.Lock()
+
+
+def stop() -> None:
+    """This process is stopping (an interrupt, a cancelled run): shards waiting for a device give up
+    (`Stopped`) now, and `stopping()` tells scoring to stop, until `resume()`."""
+    with _waiting_lock:
+        _stopping.set()
+        for wake in _waiting:
+            wake.set()
+
+
+def stopping() -> bool:
+    return _stopping.is_set()
+
+
+def resume() -> None:
+    _stopping.clear()
+
+
+def _wait_for_lock(fd: int, shard_id: str, fds: dict[str, int], name: str) -> None:
+    """Block until the lock on `fd` is ours (then `fds[name] = fd`), or raise `Stopped` on `stop_waiting`.
+
+    The blocking flock runs on a daemon thread, so a stopping process never waits for another run's
+    shard to end; if the lock comes after the shard gave up, that thread drops it at once.
+    """
+    wake, state = threading.Event(), {"gave_up": False, "got": False}
+    guard = threading.Lock()
+
+    def take() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with guard:
+            if state["gave_up"]:
+                os.close(fd)  # drops the lock it just got
+                return
+            state["got"] = True
+        wake.set()
+
+    with _waiting_lock:
+        if _stopping.is_set():
+            os.close(fd)
+            raise Stopped(f"shard {shard_id} did not start: the run is stopping")
+        _waiting.add(wake)
+    try:
+        threading.Thread(target=take, name=f"batchinfer-wait-{name}", daemon=True).start()
+        wake.wait()
+    finally:
+        with _waiting_lock:
+            _waiting.discard(wake)
+    with guard:
+        if not state["got"]:
+            state["gave_up"] = True
+            raise Stopped(f"shard {shard_id} did not start: the run is stopping")
+    fds[name] = fd
+
+
+def _spread(shard_id: str, count: int) -> int:
+    """Which busy device a shard waits on: spread by its id, so waiting shards do not all queue on one."""
+    return int(hashlib.sha256(shard_id.encode()).hexdigest()[:8], 16) % count
+
+
+class DeviceWorkers:
+    """Per process: each device's own long-lived thread, and the model loaded on each device.
+
+    A model is loaded once per process and device and reused by every shard that process runs there;
+    loading a different model on that device replaces it. This is a cache, not a schedule: which shard
+    runs where is decided by `hold_device` and the task runner.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[str, tuple[str, Predictor]] = {}
+        self._model_locks: dict[str, threading.Lock] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self.loads: list[tuple[str, str]] = []
+
+    def loaded(self, spec: ModelSpec) -> list[str]:
+        """Devices on which this process holds `spec` already."""
         with self._lock:
-            if device.name in self.held:
-                raise RuntimeError(f"device {device.name} lent twice")  # a bug, never user input
-            self.held[device.name] = shard_id
-            self.history.append(record)
-        try:
-            yield device
-        finally:
-            record.end = time.monotonic()
-            with self._lock:
-                self.held.pop(device.name, None)
-            self._free.put(device)
+            return [name for name, (fingerprint, _) in self._models.items() if fingerprint == spec.fingerprint]
 
-    def start(self, device: Device, fn: Callable[[], T]) -> Future[T]:
-        """Start `fn` on the device's own long-lived thread, with the caller's torch thread count and context.
+    def run(self, device: Device, fn: Callable[[], T]) -> T:
+        """Run `fn` on the device's own long-lived thread, with the caller's torch thread count and context.
 
-        Shards arrive on whichever thread the scheduler picked, but libgomp keeps one thread team for
+        Shards arrive on whichever thread the task runner picked, but libgomp keeps one thread team for
         every thread that ever ran a parallel torch op; once team threads outnumber the cores it stops
-        spinning between ops, and each op then waits for sleeping threads to wake. Measured on 2 cores:
-        a 1,000,000-row MLP shard took 1.6 s at 3.1 CPU-s with one team, 1.8 s at 2.8 CPU-s with a
-        second, idle team alive. One thread per device keeps one team per device.
+        spinning between ops, and each op waits for sleeping threads to wake (BENCHMARKS.md). One thread
+        per device keeps one team per device.
         """
         with self._lock:
             executor = self._threads.get(device.name)
             if executor is None:
                 executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batchinfer-{device.name}")
                 self._threads[device.name] = executor
+                self._model_locks[device.name] = threading.Lock()
         threads = torch.get_num_threads()  # what configure_threads set for the caller
         context = contextvars.copy_context()  # the run's logging context follows the work
 
@@ -180,38 +323,26 @@ class DevicePool:
                 torch.set_num_threads(threads)
             return context.run(fn)
 
-        return executor.submit(call)
-
-    def run(self, device: Device, fn: Callable[[], T]) -> T:
-        """`start` and wait for the result (or the exception)."""
-        return self.start(device, fn).result()
+        return executor.submit(call).result()
 
     def model(self, device: Device, spec: ModelSpec) -> tuple[Predictor, bool]:
         """The model loaded on `device` (loading it at most once); returns (predictor, loaded_now)."""
-        with self._model_locks[device.name]:
+        with self._lock:
+            lock = self._model_locks.setdefault(device.name, threading.Lock())
+        with lock:
             cached = self._models.get(device.name)
             if cached and cached[0] == spec.fingerprint:
                 return cached[1], False
             self._models.pop(device.name, None)
-            log.info("loading model %s on %s", spec.name, device.name)
+            log.info("loading model %s on %s (pid %d)", spec.name, device.name, os.getpid())
             predictor = spec.load(device.torch)
-            self._models[device.name] = (spec.fingerprint, predictor)
+            with self._lock:
+                self._models[device.name] = (spec.fingerprint, predictor)
             self.loads.append((device.name, spec.fingerprint))
             return predictor, True
 
 
-_POOLS: dict[tuple[str, ...], DevicePool] = {}
-_POOLS_LOCK = threading.Lock()
-
-
-def pool_for(devices: list[Device]) -> DevicePool:
-    """The process-wide pool for this set of devices (models stay warm across runs in one process)."""
-    key = tuple(d.name for d in devices)
-    with _POOLS_LOCK:
-        pool = _POOLS.get(key)
-        if pool is None:
-            pool = _POOLS[key] = DevicePool(list(devices))
-        return pool
+WORKERS = DeviceWorkers()
 
 
 _ARENAS_LIMITED = False

@@ -65,6 +65,10 @@ class ShardFailedError(BatchInferError):
     """One shard failed; carries the shard id and the reason."""
 
 
+class Stopped(BatchInferError):
+    """The run is stopping (an interrupt, a cancelled run): a shard gave up before it committed anything."""
+
+
 class InjectedFault(BatchInferError):
     """Raised by fault injection hooks used in tests and drills."""
 

@@ -80,8 +80,8 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
     started = time.perf_counter()
     results = results or {}
     config, settings = plan.config, plan.settings
-    storage = Storage(settings.output_uri, config.storage_options)
-    in_storage = Storage(config.input_uri, config.storage_options)
+    storage = Storage(settings.output_uri, config.input.storage_options)
+    in_storage = Storage(config.input.uri, config.input.storage_options)
     layout = Layout(settings.output_uri)
     report = RunReport(ok=False, output_uri=settings.output_uri, shards=len(plan.shards), rows=plan.total_rows)
     report.shards_skipped = len(plan.done)
@@ -96,12 +96,12 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
             f"shard {shard.shard_id} ({shard.partition_uri} rows {shard.row_start}+{shard.num_rows}): {reason}"
         )
     report.shards_failed = len(failed)
-    allowed = int(np.floor((1.0 - config.min_success_ratio) * len(plan.shards) + 1e-9))
+    allowed = int(np.floor((1.0 - config.output.min_success_ratio) * len(plan.shards) + 1e-9))
     report.checks.append(
         Check(
             "shards succeeded",
             len(failed) <= allowed,
-            f"{len(plan.shards) - len(failed)}/{len(plan.shards)} (min ratio {config.min_success_ratio})",
+            f"{len(plan.shards) - len(failed)}/{len(plan.shards)} (min ratio {config.output.min_success_ratio})",
         )
     )
     if len(failed) > allowed:

@@ -17,9 +17,9 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from batchinfer import progress
+from batchinfer import devices, progress
 from batchinfer.config import RunConfig
-from batchinfer.devices import Device, DevicePool, configure_threads, discover, limit_malloc_arenas, pool_for
+from batchinfer.devices import Device, configure_threads, discover, limit_malloc_arenas
 from batchinfer.errors import (
     BatchInferError,
     ConfigError,
@@ -89,12 +89,12 @@ def _cached_spec(
 def model_spec(config: RunConfig) -> ModelSpec:
     """The resolved model for a config (cached per process: tasks reuse the driver's)."""
     return _cached_spec(
-        config.model,
-        config.checkpoint,
-        config.precision,
-        tuple(config.features) if config.features else None,
-        config.text_column,
-        json.dumps(config.storage_options, sort_keys=True),
+        config.model.model,
+        config.model.checkpoint,
+        config.model.precision,
+        tuple(config.input.features) if config.input.features else None,
+        config.input.text_column,
+        json.dumps(config.input.storage_options, sort_keys=True),
     )
 
 
@@ -107,28 +107,28 @@ def _norm(uri: str) -> str:
 
 def check_locations(config: RunConfig) -> None:
     """The output must not be, or lie inside, the input (and vice versa)."""
-    src, dst = _norm(config.input_uri), _norm(config.output_uri)
+    src, dst = _norm(config.input.uri), _norm(config.output.uri)
     src_root = src.split("*", 1)[0].rstrip("/")
     if dst == src_root or dst.startswith(src_root + "/"):
         raise OutputConflictError(
-            f"--output {config.output_uri} is inside --input {config.input_uri}; pick another output"
+            f"--output {config.output.uri} is inside --input {config.input.uri}; pick another output"
         )
     if src_root.startswith(dst + "/"):
         raise OutputConflictError(
-            f"--input {config.input_uri} is inside --output {config.output_uri}; pick another output"
+            f"--input {config.input.uri} is inside --output {config.output.uri}; pick another output"
         )
 
 
 def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tuple[list[str], str | None]:
     """Which columns feed the model: feature names (by name, never position) or the text column."""
     if spec.input_kind == "text":
-        if not config.text_column:
-            raise ConfigError(f"--model {config.model} reads text: give --text-column NAME")
-        return [], config.text_column
-    if config.text_column and not config.features and not spec.feature_names:
-        raise ConfigError(f"--model {config.model} reads numeric features, not text: give --features")
-    if config.features:
-        names = resolve_columns(config.features, first)
+        if not config.input.text_column:
+            raise ConfigError(f"--model {config.model.model} reads text: give --text-column NAME")
+        return [], config.input.text_column
+    if config.input.text_column and not config.input.features and not spec.feature_names:
+        raise ConfigError(f"--model {config.model.model} reads numeric features, not text: give --features")
+    if config.input.features:
+        names = resolve_columns(config.input.features, first)
         width = array_width(first.schema.get(names[0], "")) if len(names) == 1 else None
         if width:  # all features in one fixed-size-list column, in the model's order
             if spec.feature_names and width != len(spec.feature_names):
@@ -152,7 +152,7 @@ def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tupl
         return names, None
     if spec.feature_names:
         return list(spec.feature_names), None
-    raise ConfigError(f"--model {config.model} does not record its feature names: give --features")
+    raise ConfigError(f"--model {config.model.model} does not record its feature names: give --features")
 
 
 _KEYS_CHECKED: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
@@ -227,9 +227,15 @@ def _read_column(storage: Storage, uri: str, column: str, row_groups: range | No
     return pl.from_arrow(table.column(0)).alias(column)  # type: ignore[union-attr]
 
 
+def recorded_input(manifest: dict[str, Any]) -> str:
+    """The input URI a manifest records (nested since the config has groups; flat before)."""
+    recorded = manifest.get("config") or {}
+    return (recorded.get("input") or {}).get("uri") or recorded.get("input_uri") or ""
+
+
 def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) -> None:
     """Refuse an output that holds a run with another configuration, unless asked to overwrite."""
-    layout = Layout(config.output_uri)
+    layout = Layout(config.output.uri)
     if not storage.exists(layout.manifest):
         return
     try:
@@ -239,16 +245,16 @@ def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) ->
     same = (
         manifest.get("model_fingerprint") == model_fingerprint
         and manifest.get("output_fingerprint") == config.output_fingerprint()
-        and _norm(manifest.get("config", {}).get("input_uri", "")) == _norm(config.input_uri)
+        and _norm(recorded_input(manifest)) == _norm(config.input.uri)
     )
     if same:
         return
-    if not config.overwrite:
+    if not config.output.overwrite:
         raise OutputConflictError(
-            f"--output {config.output_uri} holds a run with another configuration "
+            f"--output {config.output.uri} holds a run with another configuration "
             f"(model, columns or input differ); use --overwrite to replace it or pick a new output"
         )
-    log.warning("overwriting the earlier run in %s", config.output_uri)
+    log.warning("overwriting the earlier run in %s", config.output.uri)
     for folder in (layout.shards_dir, layout.markers_dir, layout.errors_dir, layout.predictions_dir):
         storage.remove(folder, recursive=True)
     storage.remove(layout.manifest)
@@ -259,36 +265,36 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
     """Validate everything that can be known up front and decide which shards need work."""
     limit_malloc_arenas()
     check_locations(config)
-    devices = discover(config.devices)
+    devices = discover(config.compute.devices)
     spec = model_spec(config)
-    in_storage = Storage(config.input_uri, config.storage_options)
-    partitions = list_partitions(in_storage, config.input_uri)
+    in_storage = Storage(config.input.uri, config.input.storage_options)
+    partitions = list_partitions(in_storage, config.input.uri)
     features, text_column = resolve_inputs(config, spec, partitions[0])
     check_schemas(
         partitions,
-        key_column=config.key_column,
+        key_column=config.input.key_column,
         features=features,
         text_column=text_column,
-        passthrough=list(config.passthrough),
+        passthrough=list(config.input.passthrough),
     )
-    shards = plan_shards(partitions, config.shard_rows)
+    shards = plan_shards(partitions, config.compute.shard_rows)
     model_fingerprint = digest(spec.fingerprint, json.dumps([features, text_column]))
     settings = ShardSettings(
-        output_uri=config.output_uri.rstrip("/"),
-        key_column=config.key_column,
+        output_uri=config.output.uri.rstrip("/"),
+        key_column=config.input.key_column,
         features=tuple(features),
         text_column=text_column,
-        passthrough=tuple(config.passthrough),
-        batch_size=config.batch_size,  # 0 = auto: the runner picks per device (runner.batch_size_for)
-        max_error_ratio=config.max_error_ratio,
+        passthrough=tuple(config.input.passthrough),
+        batch_size=config.compute.batch_size,  # 0 = auto: the runner picks per device (runner.batch_size_for)
+        max_error_ratio=config.output.max_error_ratio,
         model_fingerprint=model_fingerprint,
         output_fingerprint=config.output_fingerprint(),
-        storage_options=config.storage_options,
+        storage_options=config.input.storage_options,
     )
     plan = Plan(config, partitions, shards, settings, devices)
     if check_existing:
-        check_keys_once(in_storage, partitions, config.key_column)
-        out = Storage(config.output_uri, config.storage_options)
+        check_keys_once(in_storage, partitions, config.input.key_column)
+        out = Storage(config.output.uri, config.input.storage_options)
         check_output(out, config, model_fingerprint)
         plan.done = find_done(out, plan)
     return plan
@@ -309,7 +315,8 @@ def find_done(storage: Storage, plan: Plan) -> dict[str, dict[str, Any]]:
 
 def start_run(plan: Plan) -> None:
     """Before any shard runs: the output is no longer a finished result; record the run; clean temps."""
-    storage = Storage(plan.settings.output_uri, plan.config.storage_options)
+    devices.resume()  # a process that stopped an earlier run may run again
+    storage = Storage(plan.settings.output_uri, plan.config.input.storage_options)
     layout = Layout(plan.settings.output_uri)
     storage.remove(layout.success)
     for folder in (layout.shards_dir, layout.errors_dir, layout.markers_dir, layout.predictions_dir, layout.root):
@@ -326,28 +333,11 @@ def _rows(plan: Plan, shard_id: str) -> int:
     return next(s.num_rows for s in plan.shards if s.shard_id == shard_id)
 
 
-def preload_models(plan: Plan) -> None:
-    """Start loading the model on every device, each on its device's thread, without waiting.
-
-    The load then overlaps the rest of the run's start-up (the first shards' tasks, the artifacts);
-    a shard runs after its device's load. A load that fails here fails again, with its message, in
-    the first shard that needs it.
-    """
-    if not plan.pending:
-        return
-    configure_threads(plan.devices, plan.config.cpu_threads)
-    pool = pool_for(plan.devices)
-    spec = model_spec(plan.config)
-    for device in plan.devices[: len(plan.pending)]:  # a rerun of one shard needs one device, not all
-        pool.start(device, functools.partial(pool.model, device, spec))
-
-
-def run_shard(plan_config: RunConfig, settings: ShardSettings, shard: Shard) -> ShardStats:
-    """Score one shard on a device lent by this process's pool."""
-    devices = discover(plan_config.devices)
-    configure_threads(devices, plan_config.cpu_threads)
-    pool: DevicePool = pool_for(devices)
-    return score_shard(shard, settings, model_spec(plan_config), pool)
+def run_shard(config: RunConfig, settings: ShardSettings, shard: Shard, *, run: str = "") -> ShardStats:
+    """Score one shard on a device of this host that no other shard holds (`devices.hold_device`)."""
+    devices = discover(config.compute.devices)
+    configure_threads(devices, config.compute.cpu_threads)
+    return score_shard(shard, settings, model_spec(config), devices, run=run)
 
 
 def manifest(

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import multiprocessing
+import os
+import socket
 import threading
 import time
 import warnings
@@ -24,10 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from batchinfer import progress
+from batchinfer import devices, progress
 from batchinfer.config import OUTPUT_COMPRESSION
-from batchinfer.devices import Device, DevicePool
-from batchinfer.errors import BatchInferError, ModelError, ShardFailedError
+from batchinfer.devices import WORKERS, Device, DeviceWorkers, hold_device, stopping
+from batchinfer.errors import BatchInferError, ModelError, ShardFailedError, Stopped
 from batchinfer.layout import Layout
 from batchinfer.models.base import ModelSpec, Predictor
 from batchinfer.planning import Shard
@@ -78,7 +81,11 @@ class ShardStats:
     rows_error: int = 0
     seconds: float = 0.0
     device: str = ""
+    host: str = ""
+    pid: int = 0
     model_loaded: bool = False
+    waited_seconds: float = 0.0
+    waited_for: str = ""
     state: str = "done"  # done | skipped | failed
     error: str = ""
     started_at: str = ""
@@ -92,24 +99,54 @@ class ShardStats:
         return self.rows_in / self.seconds if self.seconds > 0 else 0.0
 
 
+def stop_shards() -> None:
+    """Stop this process's shards at once, none committed: waiting ones give up, scoring ones stop at their
+    next chunk, and worker processes this process started (a process pool's) are ended. A rerun redoes them."""
+    devices.stop()
+    for child in multiprocessing.active_children():
+        child.terminate()
+
+
+def _stop_if_asked(shard_id: str) -> None:
+    if stopping():
+        raise Stopped(f"shard {shard_id} stopped before it was committed: the run is stopping")
+
+
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def score_shard(
-    shard: Shard, settings: ShardSettings, spec: ModelSpec, pool: DevicePool, storage: Storage | None = None
+    shard: Shard,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    devices: list[Device],
+    *,
+    run: str = "",
+    storage: Storage | None = None,
+    workers: DeviceWorkers = WORKERS,
 ) -> ShardStats:
-    """Lease a device, score the shard, commit it. Raises on failure (nothing committed)."""
+    """Own a device on this host, score the shard on it, commit it. Raises on failure (nothing committed)."""
     storage = storage or Storage(settings.output_uri, settings.storage_options)
-    with pool.lease(shard.shard_id) as device:
-        stats = ShardStats(shard.shard_id, shard.partition_uri, device=device.name, started_at=_now())
+    with hold_device(devices, shard.shard_id, run=run, prefer=workers.loaded(spec), on_wait=log.info) as lease:
+        device = lease.device
+        stats = ShardStats(
+            shard.shard_id,
+            shard.partition_uri,
+            device=device.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            waited_seconds=lease.waited_seconds,
+            waited_for=lease.waited_for,
+            started_at=_now(),
+        )
         start = time.perf_counter()
 
         def work() -> None:  # on the device's own thread: loading and scoring
-            predictor, stats.model_loaded = pool.model(device, spec)
+            predictor, stats.model_loaded = workers.model(device, spec)
             _score_and_commit(shard, settings, spec, predictor, device, storage, stats)
 
-        pool.run(device, work)
+        workers.run(device, work)
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
         _write_marker(shard, settings, spec, stats, storage)
@@ -158,6 +195,7 @@ def _score_and_commit(
         writer = BackgroundWriter(tmp)
         try:
             for batch, tokens in prefetch(chunks):
+                _stop_if_asked(shard.shard_id)
                 table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
                 writer.write(table)
                 error_keys.extend(bad_keys)
@@ -310,6 +348,7 @@ def _predict_matrix(
     start = 0
     with torch.inference_mode():
         while start < rows:
+            _stop_if_asked("")
             x = host[start : start + size]
             if not (cuda or strided_ok or x.is_contiguous()):
                 x = x.contiguous()
@@ -365,6 +404,7 @@ def _predict_texts(
     start = 0
     with torch.inference_mode():
         while start < count:
+            _stop_if_asked("")
             index = order[start : start + size]
             try:
                 out = _as_output(run(index), len(index))

@@ -39,8 +39,8 @@ def main() -> None:
     demo.write_tabular(root / "data", rows=rows * args.shards, partitions=args.shards, row_group_rows=rows)
     (control / "sleep").write_text(str(args.work / batches))
 
-    from batchinfer.cli import quiet_prefect, run_flow
     from batchinfer.config import make_config
+    from cli.main import quiet_prefect, run_flow
 
     quiet_prefect(verbose=False)
     results = []

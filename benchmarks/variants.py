@@ -273,12 +273,11 @@ def mlp_precision(params: dict[str, Any]) -> dict[str, Any]:
 @variant("flow")
 def flow(params: dict[str, Any]) -> dict[str, Any]:
     """batchinfer's Prefect flow, end to end, against the server in PREFECT_API_URL."""
-    from batchinfer.cli import quiet_prefect
+    from cli.main import quiet_prefect
 
     quiet_prefect(verbose=False)
     from batchinfer.config import DEFAULT_SHARD_ROWS, make_config
     from flows.batch_inference import batch_inference
-    from flows.params import from_config
 
     out_dir = _fresh(params["output"])
     config = make_config(
@@ -296,7 +295,7 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
     )
     started_at = time.time()  # wall clock, to line up with samples taken outside (e.g. nvidia-smi's GPU busy %)
     start = time.perf_counter()
-    state = batch_inference(**from_config(config), return_state=True)
+    state = batch_inference(**config.parameters(), return_state=True)
     seconds = time.perf_counter() - start
     ended_at = time.time()
     if not state.is_completed():
@@ -308,10 +307,10 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         "rows": report["rows"],
         "seconds": seconds,
         "shards": report["shards"],
-        "shard_rows": config.shard_rows,
+        "shard_rows": config.compute.shard_rows,
         "shard_seconds_sum": sum(shard_seconds),
         "merge_seconds": report.get("seconds"),
-        "device": config.devices,
+        "device": config.compute.devices,
         "started_at": started_at,
         "ended_at": ended_at,
     }

@@ -104,7 +104,7 @@ echo "$note" | tee -a "$tmp/environment.txt"
 step "GPU tests" "$out/tests.log" $py -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
 tests_rc=$step_rc tests_s=$step_s
 
-step "demo (devices auto)" "$out/demo.log" $py -m batchinfer.cli demo --workdir "$tmp/demo"
+step "demo (devices auto)" "$out/demo.log" $py -m cli demo --workdir "$tmp/demo"
 demo_rc=$step_rc demo_s=$step_s
 
 # GPU busy % of cuda:0 (the first visible GPU), sampled with nvidia-smi's own clock for the whole benchmark;

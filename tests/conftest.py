@@ -151,7 +151,7 @@ def stack(request, tmp_path_factory):
 
 def run_job(**kwargs):
     """Run the real flow in this process (inside the session's Prefect server)."""
-    from batchinfer.cli import run_flow
     from batchinfer.config import make_config
+    from cli.main import run_flow
 
     return run_flow(make_config(**kwargs), show_progress=False)

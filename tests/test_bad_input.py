@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from batchinfer.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from batchinfer.demo import FEATURE_NAMES, tabular_frame
 from batchinfer.models.base import resolve_model
 from batchinfer.models.checkpoints import ALLOW_PICKLE_ENV
 from batchinfer.models.mlp import MLP, save_checkpoint
+from cli.main import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from tests.conftest import S3Server, free_port
 
 ROWS_PER_PART = 150
@@ -491,12 +491,16 @@ def test_input_inside_output(data, capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "expected"),
     [
-        ("--batch-size", "0", "--batch-size: must be a positive number of rows (got 0)"),
-        ("--batch-size", "-8", "--batch-size: must be a positive number of rows (got -8)"),
+        ("--batch-size", "0", "--batch-size: must be a positive number of rows, or 'auto' (got 0)"),
+        ("--batch-size", "-8", "--batch-size: must be a positive number of rows, or 'auto' (got -8)"),
         ("--batch-size", "many", "argument --batch-size: must be a whole number, got 'many'"),
-        ("--shard-rows", "-1", "--shard-rows: must be a positive number of rows (got -1)"),
-        ("--shard-rows", "0", "--shard-rows: must be a positive number of rows (got 0)"),
-        ("--precision", "fp8", "--precision: Input should be 'fp32', 'bf16', 'fp16' or 'int8' (got 'fp8')"),
+        ("--shard-rows", "-1", "--shard-rows: must be at least 1 (got -1)"),
+        ("--shard-rows", "0", "--shard-rows: must be at least 1 (got 0)"),
+        (
+            "--precision",
+            "fp8",
+            "argument --precision: invalid choice: 'fp8' (choose from 'fp32', 'bf16', 'fp16', 'int8')",
+        ),
         (
             "--storage-options",
             '{"key": "k", "secret": "hunter2"',
@@ -736,4 +740,4 @@ def test_output_holding_another_run_is_refused_unless_overwrite(data, tmp_path, 
     code, _ = cli(capsys, *mlp_args(data, one_file, str(out), "--passthrough", "f00", "--overwrite"))
     assert code == EXIT_OK
     assert pl.read_parquet(out / "predictions" / "*.parquet").columns == ["id", "prediction", "probabilities", "f00"]
-    assert json.loads((out / "manifest.json").read_text())["config"]["passthrough"] == ["f00"]
+    assert json.loads((out / "manifest.json").read_text())["config"]["input"]["passthrough"] == ["f00"]

@@ -148,6 +148,6 @@ def test_custom_run_from_the_deployment_form_completes(browser, stack, served):
     assert run.parameters["input"]["uri"] == deployment.parameters["input"]["uri"]
     assert (chosen_output / "_SUCCESS").exists() and not (root / "default-output").exists()
     manifest = json.loads((chosen_output / "manifest.json").read_text())
-    assert manifest["config"]["batch_size"] == 128 and manifest["state"] == "succeeded"
+    assert manifest["config"]["compute"]["batch_size"] == 128 and manifest["state"] == "succeeded"
     for name in ("01-deployment", "02-form", "03-form-changed", "04-run-completed", "05-run-artifacts"):
         assert (SHOTS / f"{name}.png").stat().st_size > 10_000, name

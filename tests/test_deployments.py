@@ -19,9 +19,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchinfer.cli import build_parser, main, serve_parameters
-from batchinfer.config import PRECISIONS
-from flows.params import ComputeParams, InputParams, ModelParams, OutputParams
+from batchinfer.config import GROUPS, PRECISIONS, ComputeConfig
+from cli.main import build_parser, main, serve_parameters
 from tests.prefect_stack import PREFECT, ROOT
 
 server = pytest.mark.prefect_server  # the tests below that talk to `prefect server start`
@@ -29,7 +28,6 @@ server = pytest.mark.prefect_server  # the tests below that talk to `prefect ser
 FLOW = "batch-inference"
 LOCAL_POOL = "batchinfer-local"
 K8S_TEMPLATE = ROOT / "deployments" / "k8s" / "gpu-base-job-template.json"
-GROUPS = {"input": InputParams, "model": ModelParams, "compute": ComputeParams, "output": OutputParams}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +138,7 @@ def test_stored_schema_keeps_groups_descriptions_bounds_and_enums(stack, deploye
     assert sorted(top, key=lambda name: top[name]["position"]) == ["input", "model", "output", "compute"]
     assert all(top[name]["description"] for name in top)
     assert sorted(schema["required"]) == ["input", "model", "output"]
-    assert top["compute"]["default"] == ComputeParams().model_dump(mode="json")  # the form shows each default
+    assert top["compute"]["default"] == ComputeConfig().model_dump(mode="json")  # the form shows each default
 
     definitions = schema["definitions"]
     for group, model in GROUPS.items():
@@ -152,16 +150,16 @@ def test_stored_schema_keeps_groups_descriptions_bounds_and_enums(stack, deploye
             prop = stored_group["properties"][name]
             assert prop["description"] == field.description and prop["title"] == field.title, (group, name)
 
-    compute = definitions["ComputeParams"]["properties"]
+    compute = definitions["ComputeConfig"]["properties"]
     assert compute["batch_size"]["minimum"] == 0 and compute["batch_size"]["default"] == 1024
     assert compute["shard_rows"]["minimum"] == 1
     assert compute["cpu_threads"]["anyOf"][0]["minimum"] == 1
-    output = definitions["OutputParams"]["properties"]
+    output = definitions["OutputConfig"]["properties"]
     for ratio in ("min_success_ratio", "max_error_ratio"):
         assert (output[ratio]["minimum"], output[ratio]["maximum"]) == (0.0, 1.0)
-    precision = definitions["ModelParams"]["properties"]["precision"]
+    precision = definitions["ModelConfig"]["properties"]["precision"]
     assert precision["enum"] == list(PRECISIONS) and precision["default"] == "fp32"
-    assert definitions["InputParams"]["properties"]["uri"]["minLength"] == 1
+    assert definitions["InputConfig"]["properties"]["uri"]["minLength"] == 1
 
 
 BAD_PARAMETERS = [
@@ -316,7 +314,7 @@ def test_custom_run_through_the_api_scores_and_publishes_progress(stack, deploye
     assert predictions.columns == ["id", "prediction", "probabilities", "f00"]
     assert (output / "_SUCCESS").exists()
     manifest = json.loads((output / "manifest.json").read_text())
-    assert manifest["config"]["batch_size"] == 256 and manifest["config"]["passthrough"] == ["f00"]
+    assert manifest["config"]["compute"]["batch_size"] == 256 and manifest["config"]["input"]["passthrough"] == ["f00"]
 
     # The run's page: progress at 100 %, one table row per shard, the report with where the output lives.
     assert [artifact.type for artifact in progress] == ["progress"] and float(progress[0].data) == 100.0

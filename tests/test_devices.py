@@ -1,19 +1,25 @@
-"""Concurrency equals the devices: one device per running shard, one model copy per device."""
+"""Concurrency equals the devices: one device per running shard on the host, one model copy per device and process.
+
+A shard owns its device through a flock on the host's lock file for that device: other runs, other
+processes and other threads wait, and a killed holder frees it at once.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from batchinfer.devices import Device, DevicePool, discover, pool_for
+from batchinfer.devices import Device, discover, hold_device
 from batchinfer.errors import DeviceError
 from tests.conftest import ROOT, python_path, run_job
 from tests.faulty_models import FEATURES
@@ -91,7 +97,7 @@ def test_more_devices_than_gpus_is_refused(monkeypatch):
 
 
 def test_bad_devices_exit_before_any_shard(tabular, tmp_path, capsys):
-    from batchinfer.cli import main
+    from cli.main import main
 
     output = tmp_path / "out"
     code = main(
@@ -115,41 +121,94 @@ def test_bad_devices_exit_before_any_shard(tabular, tmp_path, capsys):
     assert not output.exists()
 
 
-def test_lease_returns_device_when_the_shard_raises():
-    pool = DevicePool([Device("fake:0", "cpu")])
+HOLD = """
+import sys, time
+from batchinfer.devices import Device, hold_device
+with hold_device([Device("fake:0", "cpu")], "holder-shard", run="run-a", on_wait=print):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _lock_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "locks"
+    monkeypatch.setenv("BATCHINFER_LOCK_DIR", str(folder))
+    return folder
+
+
+def test_a_device_is_held_by_one_shard_at_a_time_and_comes_back_when_the_shard_raises(tmp_path, monkeypatch):
+    """Threads of one process exclude each other too (flock, not lockf); a waiting shard names the holder."""
+    _lock_dir(tmp_path, monkeypatch)
+    device = [Device("fake:0", "cpu")]
+    waits: list[str] = []
+    got: dict = {}
+
+    def second() -> None:
+        with hold_device(device, "b" * 16, on_wait=waits.append) as lease:
+            got["lease"] = lease
+
     with pytest.raises(RuntimeError, match="boom"):
-        with pool.lease("a" * 16):
+        with hold_device(device, "a" * 16, run="flow run first", on_wait=waits.append):
+            thread = threading.Thread(target=second)
+            thread.start()
+            time.sleep(0.3)
+            assert "lease" not in got  # still waiting while the first shard holds the device
             raise RuntimeError("boom")
-    assert pool.held == {}
-    with pool.lease("b" * 16, timeout=1) as device:
-        assert device.name == "fake:0"
+    thread.join(timeout=5)
+    assert got["lease"].device.name == "fake:0" and got["lease"].waited_seconds > 0.2
+    assert waits == [f"shard {'b' * 16} is waiting for fake:0, held by {got['lease'].waited_for}"]
+    assert f"pid {os.getpid()}" in got["lease"].waited_for and "flow run first" in got["lease"].waited_for
+    with hold_device(device, "c" * 16, on_wait=waits.append) as lease:  # free again, no wait
+        assert lease.waited_for == "" and len(waits) == 1
+
+
+def test_free_devices_are_taken_first_and_preferred_ones_before_others(tmp_path, monkeypatch):
+    _lock_dir(tmp_path, monkeypatch)
+    devices = discover("fake:3")
+    with hold_device(devices, "a" * 16, on_wait=print) as first:
+        with hold_device(devices, "b" * 16, prefer=["fake:2"], on_wait=print) as second:
+            with hold_device(devices, "c" * 16, on_wait=print) as third:
+                assert [first.device.name, second.device.name, third.device.name] == ["fake:0", "fake:2", "fake:1"]
+                assert not (first.waited_for or second.waited_for or third.waited_for)
+
+
+def test_a_killed_holder_frees_its_device_at_once(tmp_path, monkeypatch):
+    """SIGKILL leaves nothing to expire: the kernel drops the lock with the process."""
+    _lock_dir(tmp_path, monkeypatch)
+    env = {**os.environ, "PYTHONPATH": python_path()}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD], env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        waits: list[str] = []
+        killer = threading.Timer(0.5, holder.send_signal, [signal.SIGKILL])
+        killer.start()
+        with hold_device([Device("fake:0", "cpu")], "d" * 16, on_wait=waits.append) as lease:
+            assert holder.poll() is not None or holder.wait(5) == -signal.SIGKILL
+            assert f"pid {holder.pid}" in waits[0] and "holder-shard" in waits[0] and "run-a" in waits[0]
+            assert 0.4 < lease.waited_seconds < 3
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.usefixtures("prefect_server")
 def test_fake_devices_through_the_flow(tabular, tmp_path, control):
-    """3 devices, 12 shards: at most 3 overlap, no device held twice, all used, one model load per device."""
+    """3 devices, 12 shards: at most 3 at once, no device held twice, all used, one model load per device."""
     (control / "sleep").write_text("0.15")
     (control / "fail").write_text("value 2000 2001")  # one shard raises: its device must come back
     output = tmp_path / "out"
-    pool = pool_for(discover("fake:3"))
-    history_before = len(pool.history)
     with pytest.raises(Exception, match="injected failure"):
         _run_controlled(tabular, str(output), "fake:3", shard_rows=2_000, batch_size=500)
-    history = pool.history[history_before:]
-    assert len(history) == 12
-    assert pool.held == {}
-    assert {r.device for r in history} == {"fake:0", "fake:1", "fake:2"}
-    assert _max_overlap([(r.start, r.end) for r in history]) <= 3
-    assert _max_overlap([(r.start, r.end) for r in history]) >= 2  # they did run side by side
-    for device in ("fake:0", "fake:1", "fake:2"):
-        own = sorted((r.start, r.end) for r in history if r.device == device)
-        assert all(a[1] <= b[0] for a, b in zip(own, own[1:], strict=False)), f"{device} was held by two shards"
-    loads = (control / "loads").read_text().split()
-    assert len(loads) <= 3
     markers = _markers(output)
     assert len(markers) == 11  # the failing shard committed nothing
     assert {m["device"] for m in markers} == {"fake:0", "fake:1", "fake:2"}
+    intervals = [_interval(m) for m in markers]
+    assert 2 <= _max_overlap(intervals) <= 3  # side by side, never more than the devices
+    _assert_each_device_held_once(markers)
+    loads = (control / "loads").read_text().split()
+    assert len(loads) <= 3
     assert sum(m["model_loaded"] for m in markers) <= 3
+    assert {m["pid"] for m in markers} == {os.getpid()}  # the local engine: threads of this process
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["state"] == "failed"
     failed = [s for s in manifest["shards"] if s["state"] == "failed"]
@@ -157,160 +216,54 @@ def test_fake_devices_through_the_flow(tabular, tmp_path, control):
     assert not (output / "_SUCCESS").exists()
 
 
+def _assert_each_device_held_once(markers: list[dict]) -> None:
+    for device in {m["device"] for m in markers}:
+        own = sorted(_interval(m) for m in markers if m["device"] == device)
+        assert all(a[1] <= b[0] for a, b in zip(own, own[1:], strict=False)), f"{device} was held by two shards"
+
+
+def _cli_run(tabular: dict, output: Path, devices: str, env: dict) -> subprocess.Popen:
+    args = ["run", "--input", tabular["input"], "--output", str(output), "--model", MODEL]
+    args += ["--features", ",".join(FEATURES), "--devices", devices, "--shard-rows", "5000", "--batch-size", "1000"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.usefixtures("prefect_server")
-def test_gpu_tag_limit_is_set_and_shared_by_two_runs(tabular, tmp_path, control):
-    """Two runs on one server, each with 2 fake devices: together never more than 2 shards at once."""
+def test_runs_on_one_host_never_share_a_device(tabular, tmp_path, control):
+    """Two runs with the same two devices and a third asking for one, at once on one host and server:
+    no device is ever held by two shards, never more than two shards run, and a waiting shard says who
+    holds its device. No run sets a limit that another run sees."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    tag = "gpu-shared-test"
     (control / "sleep").write_text("0.3")
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": PREFECT_API_URL.value(),
-        "PYTHONPATH": python_path(),
-        "BATCHINFER_TEST_CONTROL": str(control),
-    }
-    outputs = [tmp_path / "a", tmp_path / "b"]
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": python_path()}
+    outputs = {"a": tmp_path / "a", "b": tmp_path / "b", "c": tmp_path / "c"}
     procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchinfer.cli",
-                "run",
-                "--input",
-                tabular["input"],
-                "--output",
-                str(out),
-                "--model",
-                MODEL,
-                "--features",
-                ",".join(FEATURES),
-                "--devices",
-                "fake:2",
-                "--shard-rows",
-                "5000",
-                "--batch-size",
-                "1000",
-                "--concurrency-tag",
-                tag,
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for out in outputs
+        _cli_run(tabular, outputs[name], devices, env)
+        for name, devices in zip("abc", ["fake:2", "fake:2", "fake:1"], strict=True)
     ]
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=240)
+        _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-2000:]
+    markers = [m for out in outputs.values() for m in _markers(out)]
+    assert len(markers) == 12
+    assert _max_overlap([_interval(m) for m in markers]) <= 2
+    _assert_each_device_held_once(markers)
+    assert {m["device"] for m in _markers(outputs["c"])} == {"fake:0"}
+    waited = [m for m in markers if m["waited_for"]]
+    assert waited, "with 5 shards wanting 2 devices at the start, some shard must have waited"
+    pids = {m["pid"] for m in markers}
+    assert all(any(f"pid {pid} " in m["waited_for"] for pid in pids - {m["pid"]}) for m in waited)
     with get_client(sync_client=True) as client:
-        assert client.read_global_concurrency_limit_by_name(tag).limit == 2
-    intervals = [_interval(m) for out in outputs for m in _markers(out)]
-    assert len(intervals) == 8
-    assert _max_overlap(intervals) <= 2
-
-
-@pytest.mark.usefixtures("prefect_server")
-def test_runs_starting_together_all_get_the_slot_limit():
-    """Runs that start at the same moment race to create the limit; none of them may fail on it."""
-    import threading
-    import uuid
-
-    from prefect.client.orchestration import get_client
-
-    from flows.slots import DeviceSlots
-
-    name = f"gpu-race-{uuid.uuid4().hex[:8]}"
-    start = threading.Barrier(8)
-    errors: list[BaseException] = []
-
-    def open_slots() -> None:
-        start.wait()
-        try:
-            with DeviceSlots(name, 8) as slots:  # a slot for each, so none is refused for want of one
-                lease = slots.try_take()
-                assert lease is not None
-                slots.give_back(lease)
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=open_slots) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert errors == []
-    with get_client(sync_client=True) as client:
-        assert client.read_global_concurrency_limit_by_name(name).limit == 8
-
-
-@pytest.mark.usefixtures("prefect_server")
-def test_next_shard_task_starts_while_the_current_shard_runs(tabular, tmp_path, control, monkeypatch):
-    """One device: each next shard's task is already started (held at its gate) before the shard
-    before it finishes, so Prefect's task start-up is off the critical path; shards never overlap."""
-    import tasks.shards
-
-    # 3 s shards: longer than a 2 s retry of "database is locked" in the next task's start-up
-    (control / "sleep").write_text("0.6")
-    gates: list = []
-    reached: dict[int, float] = {}
-
-    class RecordingGate(tasks.shards.Gate):
-        def __init__(self) -> None:
-            super().__init__()
-            self.index = len(gates)
-            gates.append(self)
-
-        def wait(self) -> bool:
-            reached[self.index] = time.monotonic()  # the clock of the pool's lease records
-            return super().wait()
-
-    monkeypatch.setattr(tasks.shards, "Gate", RecordingGate)
-    monkeypatch.setattr("flows.batch_inference.Gate", RecordingGate)
-    output = tmp_path / "out"
-    pool = pool_for(discover("fake:1"))
-    history_before = len(pool.history)
-    _run_controlled(tabular, str(output), "fake:1", shard_rows=5_000, batch_size=1_000)
-    history = sorted(pool.history[history_before:], key=lambda r: r.start)
-    assert len(history) == len(gates) == 4
-    assert _max_overlap([(r.start, r.end) for r in history]) == 1
-    for previous, index in zip(history, range(1, 4), strict=False):
-        assert reached[index] < previous.end, f"the task of shard {index + 1} started only after shard {index} ended"
-    assert all(gate._event.is_set() for gate in gates)  # no task left waiting
-
-
-@pytest.mark.usefixtures("prefect_server")
-def test_a_committed_shard_frees_its_device_before_prefect_ends_its_task_run(tabular, tmp_path, control, monkeypatch):
-    """Prefect's end of a task run (final state, the tag's slot) can take tenths of a second or a 2 s
-    retry; the next shard must not wait for it. Here every shard task's end is made 1.5 s slower."""
-    import prefect.task_engine
-
-    original = prefect.task_engine.SyncTaskRunEngine.handle_success
-    ended: list[float] = []
-
-    def slow_success(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
-        if self.task.name == "infer-shard":
-            time.sleep(1.5)
-            ended.append(time.monotonic())
-        return result
-
-    monkeypatch.setattr(prefect.task_engine.SyncTaskRunEngine, "handle_success", slow_success)
-    # 2.5 s shards: longer than the slower end, and than a 2 s retry in a waiting task's start-up
-    (control / "sleep").write_text("0.5")
-    pool = pool_for(discover("fake:1"))
-    history_before = len(pool.history)
-    result = _run_controlled(tabular, str(tmp_path / "out"), "fake:1", shard_rows=5_000, batch_size=1_000)
-    assert result["ok"]
-    history = sorted(pool.history[history_before:], key=lambda r: r.start)
-    assert len(history) == len(ended) == 4
-    gaps = [after.start - before.end for before, after in zip(history, history[1:], strict=False)]
-    assert max(gaps) < 1.0, gaps  # each next shard started while the task before it was still ending
-    assert _max_overlap([(r.start, r.end) for r in history]) == 1
+        assert client.read_global_concurrency_limits() == []  # no run left a limit for the others
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -320,67 +273,27 @@ def test_each_device_runs_all_its_torch_work_on_one_thread(tabular, tmp_path, co
     (control / "threads").write_text("")
     _run_controlled(tabular, str(tmp_path / "out"), "fake:2", shard_rows=2_500, batch_size=500)
     calls = (control / "threads").read_text().split()
-    assert len(calls) > 8 * 5  # 8 shards of 5 batches, plus the loads
+    assert len(calls) >= 8 * 5  # 8 shards of 5 batches (plus the loads, unless an earlier run loaded the model)
     assert len(set(calls)) == 2  # one thread per device, however many worker threads Prefect used
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_the_model_loads_before_the_first_shard_task_starts(tabular, tmp_path, control, monkeypatch):
-    """The model load starts on each device as soon as the plan is known, overlapping the start-up of
-    the first shards' tasks, instead of inside the first shard."""
-    import time
+def test_the_process_pool_engine_gives_the_same_predictions_as_threads(tabular, tmp_path, control):
+    """Prefect's ProcessPoolTaskRunner: shards run in worker processes, each loading the model once per device."""
+    import polars as pl
 
-    import tasks.shards
-    from batchinfer.devices import DevicePool
+    common = dict(input_uri=tabular["input"], model="mlp", checkpoint=tabular["checkpoint"], shard_rows=2_500)
+    threads = run_job(output_uri=str(tmp_path / "threads"), devices="fake:2", **common)
+    processes = run_job(output_uri=str(tmp_path / "processes"), devices="fake:2", engine="processes", **common)
+    assert threads["ok"] and processes["ok"] and processes["shards_run"] == 8
 
-    loading: list[float] = []
-    original = DevicePool.model
+    def predictions(name: str) -> pl.DataFrame:
+        return pl.read_parquet(tmp_path / name / "predictions" / "*.parquet").sort("id")
 
-    def model(self, device, spec):
-        loading.append(time.monotonic())
-        return original(self, device, spec)
-
-    reached: list[float] = []
-
-    class RecordingGate(tasks.shards.Gate):
-        def wait(self) -> bool:
-            reached.append(time.monotonic())
-            return super().wait()
-
-    monkeypatch.setattr(DevicePool, "model", model)
-    monkeypatch.setattr("flows.batch_inference.Gate", RecordingGate)
-    output = tmp_path / "out"
-    _run_controlled(tabular, str(output), "fake:2", shard_rows=5_000, batch_size=1_000)
-    assert len(reached) == 4
-    assert len(loading) == 2 + 4  # one per device up front, then one per shard (finding it loaded)
-    assert sorted(loading)[1] < min(reached)  # both loads began before any shard task started
-
-    # A rerun of one shard loads the model on one device only.
-    next((output / "markers").glob("*.json")).unlink()
-    loading.clear()
-    reached.clear()
-    _run_controlled(tabular, str(output), "fake:2", shard_rows=5_000, batch_size=1_000)
-    assert len(reached) == 1
-    assert len(loading) == 1 + 1
-
-
-@pytest.mark.usefixtures("prefect_server")
-def test_slots_given_back_and_held_at_close_are_all_freed_on_the_server():
-    import uuid
-
-    from prefect.client.orchestration import get_client
-
-    from flows.slots import DeviceSlots
-
-    name = f"gpu-free-{uuid.uuid4().hex[:8]}"
-    with DeviceSlots(name, 3) as slots:
-        leases = [slots.try_take() for _ in range(3)]
-        assert None not in leases and slots.try_take() is None  # all 3 held
-        slots.give_back(leases[0])  # returns before the server has it
-    with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 20
-        while client.read_global_concurrency_limit_by_name(name).active_slots and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
-    with DeviceSlots(name, 3) as slots:
-        assert all(slots.try_take() is not None for _ in range(3))
+    assert predictions("processes").equals(predictions("threads"))
+    markers = _markers(tmp_path / "processes")
+    assert os.getpid() not in {m["pid"] for m in markers}  # scored in the pool's worker processes
+    loads = [(m["pid"], m["device"]) for m in markers if m["model_loaded"]]
+    assert len(loads) == len(set(loads))  # at most one load per worker process and device
+    assert {(m["pid"], m["device"]) for m in markers} == set(loads)  # every pair that scored loaded once
+    _assert_each_device_held_once(markers)

@@ -1,9 +1,15 @@
-"""The core never imports prefect: it runs (and plans) without an orchestrator, in a fresh interpreter."""
+"""The layers hold: cli -> flows -> tasks -> the core, and the core never imports prefect.
+
+The import contracts in pyproject.toml are checked with import-linter over the real tree, and once
+over a copy whose core imports prefect inside a function, which the check must refuse. Importing
+every core module in a fresh interpreter must leave prefect unloaded.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +33,7 @@ print(json.dumps({"modules": names, "core": core, "wrappers": wrappers}))
 
 PLAN = """
 import json, sys
-from batchinfer.cli import main
+from cli.main import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "prefect": sorted(m for m in sys.modules if m.split(".")[0] == "prefect")}))
 """
@@ -46,7 +52,7 @@ def python(code: str, *args: str) -> tuple[dict, str]:
 def test_importing_every_core_module_leaves_prefect_unloaded() -> None:
     """Every module under batchinfer/ imports without prefect; tasks/ does load it, so the check can see it."""
     found, _ = python(IMPORT_ALL)
-    for name in ("pipeline", "merge", "runner", "cli", "planning", "storage", "models.mlp", "models.exported"):
+    for name in ("pipeline", "merge", "runner", "planning", "storage", "devices", "models.mlp", "models.exported"):
         assert f"batchinfer.{name}" in found["modules"]
     assert found["core"] == []
     assert "prefect" in found["wrappers"]
@@ -59,3 +65,32 @@ def test_plan_command_runs_without_prefect(tmp_path: Path) -> None:
     found, printed = python(PLAN, *args)
     assert found == {"code": 0, "prefect": []}
     assert "1 partitions, 3 shards, 300 rows" in printed
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter over the packages under `root`, with the contracts of `root`/pyproject.toml."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(lint), "--no-cache"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_import_contracts_hold() -> None:
+    done = lint_imports(ROOT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "the core never imports prefect KEPT" in done.stdout
+    assert "cli above flows above tasks above the core KEPT" in done.stdout
+
+
+def test_import_contract_fails_when_the_core_imports_prefect(tmp_path: Path) -> None:
+    """An import at run time, inside a function, breaks the contract as surely as one at the top."""
+    for name in ("batchinfer", "tasks", "flows", "cli"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    merge = tmp_path / "batchinfer" / "merge.py"
+    merge.write_text(
+        merge.read_text() + "\n\ndef _report():\n    from prefect import get_run_logger\n\n    return get_run_logger\n"
+    )
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0
+    assert "the core never imports prefect BROKEN" in done.stdout
+    assert "batchinfer.merge -> prefect" in done.stdout

@@ -19,8 +19,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchinfer.cli import RunFailed, main
 from batchinfer.errors import InputError
+from cli.main import RunFailed, main
 from tests.conftest import ROOT, free_port, python_path, run_job
 from tests.faulty_models import FEATURES
 from tests.proxy import Proxy
@@ -156,27 +156,67 @@ def test_cli_rerun_uses_the_recorded_parameters(data, tmp_path, control, clean, 
     assert_same_as_clean(output, clean)
 
 
-def test_sigkill_mid_shard_then_rerun(data, tmp_path, control, clean):
-    from prefect.settings import PREFECT_API_URL
+def cli_env(home: Path, control: Path) -> dict[str, str]:
+    """A `batchinfer` process on its own embedded Prefect server, in the Prefect home `home`."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PYTHONPATH": python_path(),
+        "BATCHINFER_TEST_CONTROL": str(control),
+    }
+    env.pop("PREFECT_API_URL", None)
+    return env
 
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of `pid`, from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _assert_all_end(pids: set[int], timeout: float = 15.0) -> None:
+    """The embedded server and any pool workers of a stopped run end soon after it (none left orphaned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in pids if _alive(pid)]
+
+
+@pytest.mark.parametrize("engine", ["local", "processes"])
+def test_sigkill_mid_shard_then_the_same_command_finishes(data, tmp_path, control, clean, engine):
+    """SIGKILL mid-shard, then the same command with the same Prefect home (embedded server, default tag):
+    nothing of the killed run lives on, the rerun neither hangs nor recomputes what was committed, and it
+    ends with a clean run's bytes."""
     output = tmp_path / "out"
     (control / "sleep").write_text("0.25")
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": python_path()}
-    args = [
-        sys.executable,
-        "-m",
-        "batchinfer.cli",
-        *cli_args(data, output),
-        "--concurrency-tag",
-        "gpu-kill-test",
-    ]
+    env = cli_env(tmp_path / "home", control)
+    args = [sys.executable, "-m", "cli", *cli_args(data, output), "--engine", engine]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and len(list((output / "markers").glob("*.json"))) < 1:
         time.sleep(0.05)
     time.sleep(0.6)  # well inside the next shard
+    children = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _assert_all_end(children)
     assert_committed_whole(output)
     before = markers(output)
     assert 1 <= len(before) < 4
@@ -184,12 +224,33 @@ def test_sigkill_mid_shard_then_rerun(data, tmp_path, control, clean):
     stale.write_bytes(b"PAR1 half a file")
 
     (control / "sleep").unlink()
-    # A killed process keeps its Prefect slot until the lease expires; the rerun uses its own tag.
-    report = run_job(**job(str(data), output, concurrency_tag="gpu-kill-rerun"))
-    assert report["ok"] and report["shards_skipped"] == len(before)
+    done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{4 - len(before)} run, {len(before)} already done" in done.stdout
     assert all(markers(output)[k]["finished_at"] == v["finished_at"] for k, v in before.items())
     assert not list((output / "shards").glob(".tmp-*"))
     assert_same_as_clean(output, clean)
+
+
+@pytest.mark.parametrize("engine", ["local", "processes"])
+def test_sigterm_mid_run_exits_143_with_one_line_and_leaves_nothing_running(data, tmp_path, control, engine):
+    output = tmp_path / "out"
+    (control / "sleep").write_text("0.5")
+    env = cli_env(tmp_path / "home", control)
+    args = [sys.executable, "-m", "cli", *cli_args(data, output), "--engine", engine]
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (control / "loads").exists():  # a shard is scoring
+        time.sleep(0.05)
+    children = _children(proc.pid)
+    assert children, "the embedded server (and the pool's workers) run as child processes"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 143)
+    lines = stderr.strip().splitlines()
+    assert lines == ["batchinfer: terminated (SIGTERM); rerun the same command to finish the missing shards"]
+    _assert_all_end(children)
+    assert not (output / "_SUCCESS").exists()
 
 
 def test_corrupt_partition_replaced_before_rerun(data, tmp_path, control, clean):

@@ -73,8 +73,8 @@ def test_s3_job_matches_the_local_job(tabular: dict, s3_bucket: tuple[str, dict]
         assert secret not in json.dumps(marker)
 
     assert secret not in manifest_text
-    assert manifest["config"]["storage_options"]["secret"] == "***"
+    assert manifest["config"]["input"]["storage_options"]["secret"] == "***"
     assert (
-        manifest["config"]["storage_options"]["client_kwargs"]["endpoint_url"]
+        manifest["config"]["input"]["storage_options"]["client_kwargs"]["endpoint_url"]
         == options["client_kwargs"]["endpoint_url"]
     )

@@ -18,11 +18,11 @@ import polars as pl
 import pytest
 import torch
 
-from batchinfer.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from batchinfer.config import hold_secrets, make_config, redact, release_secrets
 from batchinfer.demo import FEATURE_NAMES, tabular_frame
 from batchinfer.errors import ConfigError
 from batchinfer.models.mlp import MLP, save_checkpoint
+from cli.main import EXIT_BAD_INPUT, EXIT_OK, main
 
 pytestmark = [pytest.mark.s3]
 
@@ -167,8 +167,8 @@ def test_secrets_never_reach_outputs_logs_artifacts_or_messages(s3_job, capsys, 
     names = {path.rsplit("/", 2)[-2] for path in outputs}
     assert {"shards", "markers", "errors", "predictions"} <= names and any(p.endswith("manifest.json") for p in outputs)
     manifest = json.loads(outputs[f"{out1}/manifest.json"])
-    assert manifest["config"]["storage_options"]["secret"] == "***"
-    assert manifest["config"]["storage_options"]["client_kwargs"]["aws_session_token"] == "***"
+    assert manifest["config"]["input"]["storage_options"]["secret"] == "***"
+    assert manifest["config"]["input"]["storage_options"]["client_kwargs"]["aws_session_token"] == "***"
 
     records = _prefect_records()
     logs = {"captured log records": "\n".join(f"{r.getMessage()} {r.args!r}" for r in caplog.records)}

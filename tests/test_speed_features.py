@@ -20,7 +20,6 @@ import pytest
 import torch
 
 from batchinfer import demo, runner
-from batchinfer.cli import build_parser, config_from_args
 from batchinfer.config import make_config
 from batchinfer.devices import Device
 from batchinfer.errors import ConfigError
@@ -32,6 +31,7 @@ from batchinfer.reader import feature_matrix, iter_shard, prefetch
 from batchinfer.runner import ShardSettings
 from batchinfer.storage import Storage
 from batchinfer.writer import BackgroundWriter
+from cli.main import build_parser, config_from_args
 
 WAIT = 30.0  # seconds; only a guard against hanging, never a measurement
 
@@ -170,7 +170,7 @@ def _run_core(config) -> pa.Table:
     results = {s.shard_id: run_shard(config, plan.settings, s).to_dict() for s in plan.pending}
     report = merge_and_validate(plan, results)
     assert report.ok, report.failures
-    return pq.read_table(Path(config.output_uri) / "predictions").sort_by("id")
+    return pq.read_table(Path(config.output.uri) / "predictions").sort_by("id")
 
 
 def test_feature_matrix_layouts_hold_the_same_values(tmp_path: Path):
@@ -493,7 +493,7 @@ def test_auto_batch_size_on_the_cpu_is_the_measured_default():
 def test_cli_batch_size_auto_means_zero_and_zero_is_refused():
     parser = build_parser()
     base = ["run", "--input", "in", "--output", "out", "--model", "mlp"]
-    assert config_from_args(parser.parse_args([*base, "--batch-size", "auto"])).batch_size == 0
-    assert config_from_args(parser.parse_args([*base, "--batch-size", "512"])).batch_size == 512
+    assert config_from_args(parser.parse_args([*base, "--batch-size", "auto"])).compute.batch_size == 0
+    assert config_from_args(parser.parse_args([*base, "--batch-size", "512"])).compute.batch_size == 512
     with pytest.raises(ConfigError, match="positive number of rows"):
         config_from_args(parser.parse_args([*base, "--batch-size", "0"]))

@@ -16,13 +16,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchinfer.cli import RunFailed
 from batchinfer.config import make_config
 from batchinfer.errors import BatchInferError, ShardFailedError
 from batchinfer.layout import Layout
 from batchinfer.merge import RunReport, merge_and_validate
 from batchinfer.pipeline import Plan, prepare, run_shard
 from batchinfer.planning import Shard
+from cli.main import RunFailed
 from tests.conftest import run_job
 from tests.core_helpers import GOOD_MODEL, prepare_started, score_pending, write_features
 from tests.models_for_validation import NAN_KEY

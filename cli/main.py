@@ -12,15 +12,19 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from batchinfer.config import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_ROWS, PRECISIONS, RunConfig, make_config
+from batchinfer.config import FLAT_FIELDS, GROUPS, RunConfig, flag, flat_name, make_config
 from batchinfer.errors import BatchInferError, ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 
 def quiet_prefect(verbose: bool) -> None:
@@ -41,27 +45,28 @@ def quiet_prefect(verbose: bool) -> None:
 # -- argument parsing -------------------------------------------------------------
 
 
-def _add_job_arguments(parser: argparse.ArgumentParser, *, output: bool = True) -> None:
-    parser.add_argument("--input", required=True, help="Parquet folder, glob or file (local path or s3://)")
-    if output:
-        parser.add_argument("--output", required=True, help="output folder (local path or s3://)")
-    parser.add_argument("--model", required=True, help="mlp | minilm | PATH.pt | PATH.pt2 | package.module:factory")
-    parser.add_argument("--checkpoint", help="checkpoint URI (safetensors) for --model mlp")
-    parser.add_argument("--key-column", default="id", help="unique row key column (default: id)")
-    parser.add_argument("--features", help="comma-separated feature columns or globs (default: from the checkpoint)")
-    parser.add_argument("--text-column", help="text column for text models")
-    parser.add_argument("--passthrough", help="comma-separated columns copied to the output")
-    parser.add_argument(
-        "--batch-size",
-        type=_int(auto=True),
-        default=DEFAULT_BATCH_SIZE,
-        help="rows per forward pass, or 'auto' (the largest that fits on each GPU; the measured best on the CPU)",
-    )
-    parser.add_argument("--shard-rows", type=_int(), default=DEFAULT_SHARD_ROWS, help="target rows per shard")
-    parser.add_argument("--devices", default="auto", help="auto | N | cpu | cuda:0,cuda:1")
-    parser.add_argument("--precision", default="fp32", help="|".join(PRECISIONS))
-    parser.add_argument("--storage-options", default="", help="fsspec/s3fs options as a JSON object")
-    parser.add_argument("--cpu-threads", type=_int(), default=None, help="torch threads per CPU device")
+def _add_config_arguments(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
+    """One flag per field of the config groups, from the schema itself: its help, type, choices and default.
+
+    Flags left out keep the schema's default (argparse.SUPPRESS), so each default is declared once.
+    """
+    for group in groups:
+        for name, info in GROUPS[group].model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            shown = "" if info.is_required() or default in (None, [], {}) else f" (default: {default})"
+            options: dict[str, Any] = {"help": f"{info.description}{shown}", "default": argparse.SUPPRESS}
+            kind = info.annotation
+            if kind is bool:
+                options["action"] = "store_true"
+            elif typing.get_origin(kind) is typing.Literal:
+                options["choices"] = list(typing.get_args(kind))
+            elif int in (kind, *typing.get_args(kind)):
+                options["type"] = _int(auto=name == "batch_size")
+            elif kind is float:
+                options["type"] = _float()
+            if info.is_required():
+                options["required"] = True
+            parser.add_argument(flag(group, name), dest=flat_name(group, name), **options)
     parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and tracebacks")
 
 
@@ -109,18 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="score a dataset (reruns only what is missing)")
-    _add_job_arguments(run)
-    run.add_argument("--min-success-ratio", type=_float(), default=1.0)
-    run.add_argument("--max-error-ratio", type=_float(), default=0.0)
-    run.add_argument("--overwrite", action="store_true", help="replace an output holding another configuration")
-    run.add_argument(
-        "--concurrency-tag",
-        default="gpu",
-        help="tag of the inference task and name of the Prefect global concurrency limit set to the device count",
-    )
+    _add_config_arguments(run, ["input", "model", "compute", "output"])
 
     plan = sub.add_parser("plan", help="print partitions and shards without running anything")
-    _add_job_arguments(plan, output=False)
+    _add_config_arguments(plan, ["input", "model", "compute"])
 
     rerun = sub.add_parser("rerun", help="rerun the failed or missing shards of the run recorded in an output")
     rerun.add_argument("--output", required=True)
@@ -162,29 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace, *, output: str | None = None) -> RunConfig:
+    """The run's config from the flags given; flags left out keep the schema's defaults."""
+    given = {name: value for name, value in vars(args).items() if name in FLAT_FIELDS}
+    if output is not None:
+        given["output_uri"] = output
+    batch = given.get("batch_size")
     # The config reads batch size 0 as "auto"; on the command line that is spelt 'auto', and a literal 0 is a mistake.
-    if args.batch_size < 1 and not isinstance(args.batch_size, _Auto):
-        raise ConfigError(f"--batch-size: must be a positive number of rows (got {args.batch_size})")
-    return make_config(
-        input_uri=args.input,
-        output_uri=output or getattr(args, "output", None) or "-",
-        model=args.model,
-        checkpoint=args.checkpoint,
-        key_column=args.key_column,
-        features=args.features,
-        text_column=args.text_column,
-        passthrough=args.passthrough or [],
-        batch_size=args.batch_size,
-        shard_rows=args.shard_rows,
-        devices=args.devices,
-        precision=args.precision,
-        storage_options=args.storage_options,
-        cpu_threads=args.cpu_threads,
-        min_success_ratio=getattr(args, "min_success_ratio", 1.0),
-        max_error_ratio=getattr(args, "max_error_ratio", 0.0),
-        overwrite=getattr(args, "overwrite", False),
-        concurrency_tag=getattr(args, "concurrency_tag", "gpu"),
-    )
+    if batch is not None and batch < 1 and not isinstance(batch, _Auto):
+        raise ConfigError(f"--batch-size: must be a positive number of rows, or 'auto' (got {batch})")
+    return make_config(**given)
 
 
 # -- commands -------------------------------------------------------------------
@@ -195,11 +178,10 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
     check_up_front(config)  # bad input fails here, before a server starts
     quiet_prefect(verbose)
     from flows.batch_inference import batch_inference
-    from flows.params import from_config
 
     started = time.perf_counter()
-    with _progress_bar(show_progress), _quiet_console(verbose):
-        state = batch_inference(**from_config(config), return_state=True)
+    with prefect_api(), _progress_bar(show_progress), _quiet_console(verbose):
+        state = batch_inference(**config.parameters(), return_state=True)
     seconds = time.perf_counter() - started
     if state.is_completed():
         report = dict(state.result())
@@ -214,16 +196,75 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
     raise RunFailed(str(message).strip().splitlines()[0] if message else "the run failed")
 
 
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """Prefect's settings for a run in this process: PREFECT_API_URL's server, else one embedded server.
+
+    Prefect starts an embedded server in every process that has no API URL, so each worker process of a
+    process pool (or of a local Dask or Ray) would start its own and report to it. Starting it here and
+    exporting its URL gives every process of the run the same server, and lets an interrupt stop it.
+    The flow's heartbeat thread is off: a run in this process is watched by this process, and the sync
+    engine would otherwise wait up to a second at the end of every run (BENCHMARKS.md).
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if not PREFECT_API_URL.value():
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()  # stopped when this process exits (Prefect's atexit)
+        _end_with_this_process(server.server_process.pid)
+        os.environ["PREFECT_API_URL"] = server.api_url
+        updates[PREFECT_API_URL] = server.api_url
+    with temporary_settings(updates=updates):
+        yield
+
+
+# Waits for EOF on stdin, the read end of a pipe whose write end only the parent holds, then ends `pid`.
+_WATCHDOG = """
+import os, signal, sys, time
+pid = int(sys.argv[1])
+sys.stdin.buffer.read()
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        break
+    for _ in range(50):
+        time.sleep(0.1)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+"""
+_watchdog_pipes: list[int] = []
+
+
+def _end_with_this_process(pid: int) -> None:
+    """End process `pid` (the embedded server) when this process is gone, even SIGKILLed, when atexit never runs.
+
+    A tiny watchdog holds the read end of a pipe; the kernel closes the write end when this process dies,
+    however it dies, and the watchdog then stops the server instead of leaving it running as an orphan.
+    """
+    import subprocess
+
+    read, write = os.pipe()
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=read, start_new_session=True)
+    os.close(read)
+    _watchdog_pipes.append(write)  # never closed here: it closes with the process
+
+
 def check_up_front(config: RunConfig) -> None:
     """Everything a run can reject without scoring: parameters, files, schemas, keys, the model, the output."""
     from batchinfer.pipeline import check_keys_once, check_output, prepare
     from batchinfer.storage import Storage
 
     plan = prepare(config, check_existing=False)
-    check_keys_once(Storage(config.input_uri, config.storage_options), plan.partitions, config.key_column)
-    out = Storage(config.output_uri, config.storage_options)
-    out.require_bucket(config.output_uri, "--output")
-    if not config.overwrite:  # with --overwrite the flow replaces the old run; nothing is removed here
+    check_keys_once(Storage(config.input.uri, config.storage_options), plan.partitions, config.input.key_column)
+    out = Storage(config.output.uri, config.storage_options)
+    out.require_bucket(config.output.uri, "--output")
+    if not config.output.overwrite:  # with --overwrite the flow replaces the old run; nothing is removed here
         check_output(out, config, plan.settings.model_fingerprint)
 
 
@@ -386,16 +427,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def recorded_config(recorded: dict[str, Any], options: dict[str, Any]) -> RunConfig:
+    """The config a manifest records, with the storage options given now in place of the masked ones."""
+    if "input" in recorded and isinstance(recorded["input"], dict):
+        flat = {flat_name(g, f): v for g in GROUPS for f, v in (recorded.get(g) or {}).items()}
+    else:  # a manifest written before the config had groups
+        flat = {k: v for k, v in recorded.items() if k in FLAT_FIELDS}
+    kept = {k: v for k, v in (flat.get("storage_options") or {}).items() if v != "***"}
+    flat["storage_options"] = {**kept, **options}
+    return make_config(**flat)
+
+
 def cmd_rerun(args: argparse.Namespace) -> int:
     from batchinfer.config import parse_storage_options
 
     options = parse_storage_options(args.storage_options)
-    recorded = dict(_manifest(args.output, options).get("config") or {})
-    kept = {k: v for k, v in (recorded.get("storage_options") or {}).items() if v != "***"}
-    recorded["storage_options"] = {**kept, **options}
+    config = recorded_config(dict(_manifest(args.output, options).get("config") or {}), options)
     if args.devices:
-        recorded["devices"] = args.devices
-    config = make_config(**recorded)
+        config = config.replace(devices=args.devices)
     report = run_flow(config, verbose=args.verbose)
     print(summarize(report))
     return EXIT_OK
@@ -458,9 +507,7 @@ def serve_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """
     from pydantic import ValidationError
 
-    from flows.params import ComputeParams, InputParams, ModelParams, OutputParams
-
-    groups = {"input": InputParams, "model": ModelParams, "compute": ComputeParams, "output": OutputParams}
+    groups = GROUPS
     try:
         params = json.loads(args.params) if args.params.strip() else {}
     except json.JSONDecodeError as exc:
@@ -527,6 +574,14 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the run stops, the line says so, and nothing is left running."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
@@ -536,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         core = logging.getLogger("batchinfer")
         core.addHandler(handler)
         core.setLevel(logging.INFO)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return COMMANDS[args.command](args)
     except BatchInferError as exc:
@@ -544,9 +601,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunFailed as exc:
         _fail(f"batchinfer: run failed: {exc}", verbose)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        _fail("batchinfer: interrupted; rerun the same command to finish the missing shards", verbose)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        _fail(f"batchinfer: {how}; rerun the same command to finish the missing shards", verbose)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def entry() -> None:
+    """The `batchinfer` command. After an interrupt, worker processes are stopped before the process ends,
+    and the embedded Prefect server with it, so nothing is left running (the flow already stopped its shards)."""
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        stop_children()
+    sys.exit(code)
+
+
+def stop_children(timeout: float = 5.0) -> None:
+    """Stop this process's worker processes. The embedded server stops at exit (Prefect's atexit), after
+    Prefect has sent what it still holds for it."""
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
 
 
 def _fail(line: str, verbose: bool) -> None:
@@ -558,4 +642,4 @@ def _fail(line: str, verbose: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
