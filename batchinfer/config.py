@@ -27,8 +27,9 @@ OUTPUT_COLUMNS = ("prediction", "probabilities", "embedding")
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
-Engine = Literal["local", "processes"]
-ENGINES: tuple[str, ...] = ("local", "processes")
+Engine = Literal["local", "processes", "dask", "ray"]
+ENGINES: tuple[str, ...] = ("local", "processes", "dask", "ray")
+DISTRIBUTED_ENGINES = ("dask", "ray")
 
 # A 1,000,000-row MLP shard keeps the per-shard overhead (a Prefect task plus the commit) near 1-2% (BENCHMARKS.md).
 DEFAULT_SHARD_ROWS = 1_000_000
@@ -169,9 +170,29 @@ class ComputeConfig(BaseModel):
     engine: Engine = Field(
         default="local",
         title="Engine",
-        description="What runs the shards: 'local' (threads in the flow's process) or 'processes' "
-        "(Prefect's process pool, one worker process per device).",
+        description="What runs the shards: 'local' (threads in the flow's process), 'processes' (Prefect's "
+        "process pool, one worker process per device), 'dask' or 'ray' (a cluster; each shard asks the engine "
+        "for one GPU and runs on the one it is given).",
     )
+    engine_address: str | None = Field(
+        default=None,
+        title="Engine address",
+        description="An existing cluster for 'dask' (scheduler address, tcp://host:8786) or 'ray' (ray://host:10001, "
+        "or 'auto' on a node of the cluster). Empty: a local cluster with one worker per device.",
+    )
+
+    @field_validator("engine_address")
+    @classmethod
+    def _address(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = (value or "").strip() or None
+        if value and info.data.get("engine") not in DISTRIBUTED_ENGINES:
+            raise ValueError(f"needs --engine dask or ray (the engine is {info.data.get('engine')!r})")
+        return value
+
+    @property
+    def remote(self) -> bool:
+        """Whether shards run on machines other than this one: a cluster given by address."""
+        return self.engine in DISTRIBUTED_ENGINES and self.engine_address is not None
 
 
 class OutputConfig(BaseModel):

@@ -105,6 +105,38 @@ def discover(spec: str = "auto") -> list[Device]:
     return devices
 
 
+def engine_assigned(devices: list[Device]) -> list[Device]:
+    """On a Dask or Ray worker, the one device of `devices` the engine gave this worker; elsewhere all of them.
+
+    Ray sets CUDA_VISIBLE_DEVICES for a task that asked for a GPU, so torch sees that GPU alone and there
+    is nothing to choose; its GPU id picks among devices that torch cannot narrow (fake devices). A worker
+    of a local Dask cluster is pinned by its number; a Dask worker started with CUDA_VISIBLE_DEVICES sees
+    one GPU anyway.
+    """
+    index = _engine_index()
+    if index is None or len(devices) <= 1:
+        return devices
+    return [devices[index % len(devices)]]
+
+
+def _engine_index() -> int | None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            ids = ray.get_gpu_ids()
+            return int(ids[0]) if ids else None
+    if "distributed" in sys.modules:
+        from distributed import get_worker
+
+        try:
+            name = get_worker().name
+        except ValueError:  # not in a worker
+            return None
+        return name if isinstance(name, int) else None
+    return None
+
+
 def _count(text: str, spec: str) -> int:
     try:
         count = int(text)

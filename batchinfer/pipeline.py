@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from batchinfer import devices, progress
 from batchinfer.config import RunConfig
-from batchinfer.devices import Device, configure_threads, discover, limit_malloc_arenas
+from batchinfer.devices import Device, configure_threads, discover, engine_assigned, limit_malloc_arenas
 from batchinfer.errors import (
     BatchInferError,
     ConfigError,
@@ -117,6 +117,27 @@ def check_locations(config: RunConfig) -> None:
         raise OutputConflictError(
             f"--input {config.input.uri} is inside --output {config.output.uri}; pick another output"
         )
+
+
+def check_shared_storage(config: RunConfig) -> None:
+    """With a cluster given by address, every worker must reach the input, the output and the checkpoint.
+
+    A plain local path names this machine's disk; `file:///...` says the path is mounted at the same place
+    on every worker, and is taken at its word.
+    """
+    if not config.compute.remote:
+        return
+    where = f"--engine {config.compute.engine} runs shards on the cluster at {config.compute.engine_address}"
+    for flag, uri in (
+        ("--input", config.input.uri),
+        ("--output", config.output.uri),
+        ("--checkpoint", config.model.checkpoint),
+    ):
+        if uri and "://" not in uri:
+            raise ConfigError(
+                f"{flag} {uri} is a local path, but {where}: use storage every worker sees (s3://...), "
+                f"or file://{posixpath.abspath(uri)} if every worker mounts it at that path"
+            )
 
 
 def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tuple[list[str], str | None]:
@@ -265,7 +286,9 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
     """Validate everything that can be known up front and decide which shards need work."""
     limit_malloc_arenas()
     check_locations(config)
-    devices = discover(config.compute.devices)
+    check_shared_storage(config)
+    # A cluster given by address places shards on its own machines; their devices are found there.
+    devices = [] if config.compute.remote else discover(config.compute.devices)
     spec = model_spec(config)
     in_storage = Storage(config.input.uri, config.input.storage_options)
     partitions = list_partitions(in_storage, config.input.uri)
@@ -334,10 +357,19 @@ def _rows(plan: Plan, shard_id: str) -> int:
 
 
 def run_shard(config: RunConfig, settings: ShardSettings, shard: Shard, *, run: str = "") -> ShardStats:
-    """Score one shard on a device of this host that no other shard holds (`devices.hold_device`)."""
-    devices = discover(config.compute.devices)
+    """Score one shard on a device of this host that no other shard holds (`devices.hold_device`).
+
+    On Dask or Ray the device is the one the engine gave this worker. A shard whose marker already proves
+    it done (an earlier attempt committed it, then its worker died before reporting) is not scored again.
+    """
+    storage = Storage(settings.output_uri, settings.storage_options)
+    marker = read_marker(storage, settings.output_uri, shard.shard_id)
+    if is_done(marker, shard, settings):
+        log.info("shard %s was committed by an earlier attempt; not scored again", shard.shard_id)
+        return ShardStats.from_marker(marker)  # type: ignore[arg-type]
+    devices = engine_assigned(discover(config.compute.devices))
     configure_threads(devices, config.compute.cpu_threads)
-    return score_shard(shard, settings, model_spec(config), devices, run=run)
+    return score_shard(shard, settings, model_spec(config), devices, run=run, storage=storage)
 
 
 def manifest(

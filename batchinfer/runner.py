@@ -19,7 +19,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -93,6 +93,10 @@ class ShardStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_marker(cls, marker: dict[str, Any]) -> ShardStats:
+        return cls(**{f.name: marker[f.name] for f in fields(cls) if f.name in marker})
 
     @property
     def rows_per_second(self) -> float:

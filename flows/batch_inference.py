@@ -31,7 +31,7 @@ from batchinfer.config import ComputeConfig, InputConfig, ModelConfig, OutputCon
 from batchinfer.merge import RunReport
 from batchinfer.pipeline import Plan
 from batchinfer.runner import stop_shards
-from flows.engines import task_runner
+from flows.engines import one_gpu_per_shard, task_runner
 from tasks.shards import infer_shard, merge_run, plan_run
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ def score_shards(plan: Plan) -> dict[str, dict[str, Any]]:
         "run": unmapped(f"flow run {flow_run.name}"),
     }
     with task_runner(plan.config, len(plan.devices)) as runner, stopped_on_interrupt():
-        futures = runner.map(infer_shard, parameters)
+        with one_gpu_per_shard(plan.config, runner):
+            futures = runner.map(infer_shard, parameters)
         shards = {future.task_run_id: shard for future, shard in zip(futures, plan.pending, strict=True)}
         for future in as_completed(futures):
             shard = shards[future.task_run_id]

@@ -1,29 +1,84 @@
-"""The task runner a run's shards go through, chosen by `compute.engine`.
+"""The task runner a run's shards go through, chosen by `compute.engine`, and what each shard asks of it.
 
-Prefect's own runners do the scheduling; this only picks one and sizes it. With
-`local` (threads) and `processes`, at most one shard per device runs at once in
-the run, and a device is owned on the host by the shard that holds its lock
+Prefect's own runners do the scheduling; this only picks one, sizes it, and asks the engine for one GPU
+per shard. With `local` (threads) and `processes`, at most one shard per device runs at once in the run;
+with `dask` and `ray` the engine places each shard on a worker with a free GPU, so concurrency across the
+cluster equals its GPUs. On every engine a shard owns its device on its host through the device's lock
 (`batchinfer.devices.hold_device`), so runs sharing a host never share a device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from batchinfer.config import RunConfig
+from batchinfer.errors import ConfigError
 
 
 def task_runner(config: RunConfig, devices: int) -> TaskRunner:
-    """A fresh task runner for the run's shards: one worker per device."""
-    workers = max(devices, 1)
-    if config.compute.engine == "processes":
+    """A fresh task runner for the run's shards; a local pool or cluster gets one worker per device."""
+    compute, workers = config.compute, max(devices, 1)
+    if compute.engine == "processes":
         return ProcessPoolTaskRunner(max_workers=workers, initializer=end_with_parent)
+    if compute.engine == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if compute.engine_address:
+            return DaskTaskRunner(address=compute.engine_address)
+        cluster = {"n_workers": workers, "threads_per_worker": 1, "resources": {"GPU": 1}, "dashboard_address": None}
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
+    if compute.engine == "ray":
+        from prefect_ray import RayTaskRunner
+
+        if compute.engine_address:
+            return RayTaskRunner(address=compute.engine_address)
+        # A local Ray declares one GPU per device, so fake and CPU devices are placed like GPUs.
+        return RayTaskRunner(init_kwargs={"num_gpus": workers, "include_dashboard": False})
     return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@contextlib.contextmanager
+def one_gpu_per_shard(config: RunConfig, runner: TaskRunner) -> Iterator[None]:
+    """Tasks submitted inside ask the engine for one GPU each (Dask's resources, Ray's num_gpus)."""
+    engine = config.compute.engine
+    if engine == "dask":
+        import dask
+
+        _require_gpus(engine, config, _dask_gpus(runner))
+        with dask.annotate(resources={"GPU": 1}):
+            yield
+    elif engine == "ray":
+        import ray
+        from prefect_ray.context import remote_options
+
+        _require_gpus(engine, config, ray.cluster_resources().get("GPU", 0))
+        # max_calls=0: a worker process is kept across tasks, so it loads the model once (Ray's default for
+        # GPU tasks starts a new process for each).
+        with remote_options(num_gpus=1, num_cpus=0, max_calls=0):
+            yield
+    else:
+        yield
+
+
+def _dask_gpus(runner: Any) -> float:
+    workers = runner.client.scheduler_info(n_workers=-1)["workers"].values()
+    return sum(w.get("resources", {}).get("GPU", 0) for w in workers)
+
+
+def _require_gpus(engine: str, config: RunConfig, gpus: float) -> None:
+    """A shard that asks for a GPU no worker has would wait forever: refuse the run at once instead."""
+    if gpus < 1:
+        where = config.compute.engine_address or "the local cluster"
+        how = "dask worker --resources GPU=1" if engine == "dask" else "ray start --num-gpus N"
+        raise ConfigError(f"--engine {engine}: no worker of {where} offers a GPU; start workers with `{how}`")
 
 
 def end_with_parent() -> None:

@@ -4,7 +4,7 @@
 # Debian's Chromium (for the Prefect UI test) is installed with apt when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh test
+scripts/bootstrap.sh test,dask,ray
 scripts/install-browser.sh >/dev/null  # Debian Chromium for the UI test, if missing
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d -t batchinfer-prefect-XXXXXX)}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false

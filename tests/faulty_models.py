@@ -7,13 +7,17 @@ The folder is named by the environment variable BATCHINFER_TEST_CONTROL. Files i
 - `nan`: "LO HI": return NaN for ids in [LO, HI);
 - `loads`: one line appended per load(device), naming the device;
 - `calls`: one line appended per predict call that raised;
-- `threads`: if present, one line appended per load and predict call, naming the calling thread.
+- `threads`: if present, one line appended per load and predict call, naming the calling thread;
+- `die`: "LO HI": SIGKILL this process when a batch holds an id in [LO, HI); the file is deleted first, so
+  only one process dies;
+- `visible`: if present, one line appended per predict call: the pid and CUDA_VISIBLE_DEVICES.
 The first feature is the `id` column, so the model knows which rows it scores.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -57,6 +61,19 @@ class ControlledModel:
         sleep = control / "sleep"
         if sleep.exists():
             time.sleep(float(sleep.read_text()))
+        visible = control / "visible"
+        if visible.exists():
+            _append("visible", f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+        die = control / "die"
+        if die.exists():
+            lo, hi = (int(v) for v in die.read_text().split())
+            if bool(((ids >= lo) & (ids < hi)).any()):
+                try:
+                    die.unlink()
+                except FileNotFoundError:  # another process took this death
+                    pass
+                else:
+                    os.kill(os.getpid(), signal.SIGKILL)
         fail = control / "fail"
         with _lock:
             spec = fail.read_text().split() if fail.exists() else None
