@@ -7,6 +7,7 @@ its own process so that its peak memory is its own.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -120,7 +121,7 @@ def mlp_naive(params: dict[str, Any]) -> dict[str, Any]:
     _threads(params)
     device = _device(params)
     model = _mlp_module(params["checkpoint"]).to(device)
-    out_dir = _fresh(params["output"])
+    out_dir = _fresh(params["output"]) if "://" not in params["output"] else None
     batch = params["batch_size"]
     rows = 0
     start = time.perf_counter()
@@ -210,7 +211,7 @@ def _ray_pipeline(params: dict[str, Any], columns: list[str], actor: type, args:
     import ray
     from ray.data import ActorPoolStrategy
 
-    out_dir = _fresh(params["output"])
+    out_dir = _fresh(params["output"]) if "://" not in params["output"] else None
     actors = params["ray_actors"]
     start = time.perf_counter()
     ds = ray.data.read_parquet(params["input"], columns=columns)
@@ -273,13 +274,14 @@ def mlp_precision(params: dict[str, Any]) -> dict[str, Any]:
 @variant("flow")
 def flow(params: dict[str, Any]) -> dict[str, Any]:
     """batchinfer's Prefect flow, end to end, against the server in PREFECT_API_URL."""
-    from cli.main import quiet_prefect
+    from cli.main import prefect_api, quiet_prefect
 
     quiet_prefect(verbose=False)
     from batchinfer.config import DEFAULT_SHARD_ROWS, make_config
     from flows.batch_inference import batch_inference
 
-    out_dir = _fresh(params["output"])
+    remote = "://" in params["output"]
+    out_dir = params["output"] if remote else _fresh(params["output"])
     config = make_config(
         input_uri=params["input"],
         output_uri=str(out_dir),
@@ -289,21 +291,37 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         features=params.get("features"),
         batch_size=params["batch_size"],
         shard_rows=params.get("shard_rows") or DEFAULT_SHARD_ROWS,
-        devices=str(_device(params)),
+        devices=params.get("devices") or str(_device(params)),
         cpu_threads=params["threads"],
         precision=params.get("precision", "fp32"),
+        engine=params.get("engine", "local"),
+        storage_options=params.get("storage_options") or {},
     )
     started_at = time.time()  # wall clock, to line up with samples taken outside (e.g. nvidia-smi's GPU busy %)
     start = time.perf_counter()
-    state = batch_inference(**config.parameters(), return_state=True)
+    with prefect_api():  # as `batchinfer run` calls the flow
+        state = batch_inference(**config.parameters(), return_state=True)
     seconds = time.perf_counter() - start
     ended_at = time.time()
     if not state.is_completed():
         raise SystemExit(f"the flow ended {state.name}: {state.message}")
     report = state.result()
-    manifest = json.loads((out_dir / "manifest.json").read_text())
+    from batchinfer.layout import Layout
+    from batchinfer.storage import Storage
+
+    storage, layout = Storage(str(out_dir), config.storage_options), Layout(str(out_dir))
+    manifest = storage.read_json(layout.manifest)
     shard_seconds = [s.get("seconds") or 0.0 for s in manifest["shards"]]
+    markers = [
+        storage.read_json(layout.marker(n.removesuffix(".json"))) for n in storage.list_names(layout.markers_dir)
+    ]
+    starts = sorted(m["started_at"] for m in markers)
+    ends = sorted(m["finished_at"] for m in markers)
     return {
+        "flow_started_at": started_at,
+        "first_shard_started_at": _epoch(starts[0]) if starts else None,
+        "last_shard_finished_at": _epoch(ends[-1]) if ends else None,
+        "flow_seconds_reported": report.get("flow_seconds"),
         "rows": report["rows"],
         "seconds": seconds,
         "shards": report["shards"],
@@ -314,6 +332,10 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         "started_at": started_at,
         "ended_at": ended_at,
     }
+
+
+def _epoch(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp).timestamp()
 
 
 # -- MiniLM -----------------------------------------------------------------------------------------------
@@ -402,7 +424,7 @@ def minilm_naive(params: dict[str, Any]) -> dict[str, Any]:
 
     _threads(params)
     tokenizer, model, max_length = _minilm()
-    out_dir = _fresh(params["output"])
+    out_dir = _fresh(params["output"]) if "://" not in params["output"] else None
     batch = params["batch_size"]
     rows = 0
     start = time.perf_counter()
