@@ -34,8 +34,6 @@ from batchinfer.runner import stop_shards
 from flows.engines import one_gpu_per_shard, task_runner
 from tasks.shards import infer_shard, merge_run, plan_run
 
-log = logging.getLogger(__name__)
-
 
 @contextlib.contextmanager
 def core_logs_in_run_log() -> Iterator[None]:
@@ -71,6 +69,7 @@ def score_shards(plan: Plan) -> dict[str, dict[str, Any]]:
         with one_gpu_per_shard(plan.config, runner):
             futures = runner.map(infer_shard, parameters)
         shards = {future.task_run_id: shard for future, shard in zip(futures, plan.pending, strict=True)}
+        shown = _percent(plan, results)
         for future in as_completed(futures):
             shard = shards[future.task_run_id]
             future.wait()  # takes the final state from the future itself; the API's copy can lag behind
@@ -81,7 +80,10 @@ def score_shards(plan: Plan) -> dict[str, dict[str, Any]]:
                 reason = failure_reason(state)
                 results[shard.shard_id] = {"shard_id": shard.shard_id, "state": "failed", "error": reason}
                 logger.error("shard %s failed: %s", shard.shard_id, reason)
-            update_progress_artifact(progress, _percent(plan, results))
+            percent = _percent(plan, results)
+            if percent - shown >= 1 or len(results) == len(plan.pending):  # at most ~100 updates a run
+                update_progress_artifact(progress, percent)
+                shown = percent
     return results
 
 
