@@ -49,13 +49,33 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
+def database_cpu_seconds() -> float:
+    """CPU seconds of every process named postgres on this machine (a PostgreSQL server's backends)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text:
+            total += cpu_seconds(int(stat.parent.name))
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", type=int, default=1000)
     parser.add_argument("--storage", choices=["local", "s3"], default="local")
     parser.add_argument("--engine", default="local")
     parser.add_argument("--devices", default="fake:2")
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        help="the server's database, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/db (default: SQLite in its home)",
+    )
     args = parser.parse_args()
+    if args.database_url:
+        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = args.database_url
 
     from batchinfer import demo
 
@@ -83,21 +103,26 @@ def main() -> None:
         if args.storage == "s3":
             s3 = start_s3(work, params, env)
         before = tree_cpu_seconds(server.proc.pid)
+        database_before = database_cpu_seconds()
         started = time.perf_counter()
         result = measure("flow", params, env, work / "runs.log")
         wall = time.perf_counter() - started
         server_cpu = tree_cpu_seconds(server.proc.pid) - before
         time.sleep(5)  # events still being written when the flow returned
         server_cpu_settled = tree_cpu_seconds(server.proc.pid) - before
+        database_cpu = database_cpu_seconds() - database_before
     finally:
         server.stop()
         if s3 is not None:
             s3.terminate()
             s3.wait()
     database = work / "prefect-home" / "prefect.db"
-    with sqlite3.connect(database) as db:
-        task_runs = db.execute("select count(*) from task_run").fetchone()[0]
-        events = db.execute("select count(*) from events").fetchone()[0]
+    if args.database_url:
+        task_runs = events = -1  # counted by the server's own API in SQLite runs; PostgreSQL's CPU is shown instead
+    else:
+        with sqlite3.connect(database) as db:
+            task_runs = db.execute("select count(*) from task_run").fetchone()[0]
+            events = db.execute("select count(*) from events").fetchone()[0]
     out = {
         "shards": result["shards"],
         "rows": result["rows"],
@@ -114,7 +139,9 @@ def main() -> None:
         "server_cpu_ms_per_shard": round(1000 * server_cpu_settled / result["shards"], 1),
         "task_runs": task_runs,
         "events": events,
-        "database_mb": round(database.stat().st_size / 2**20, 1),
+        "database": "postgresql" if args.database_url else "sqlite",
+        "database_mb": round(database.stat().st_size / 2**20, 1) if database.exists() else None,
+        "postgres_cpu_s": round(database_cpu, 1) if args.database_url else None,
     }
     if args.storage == "local":
         markers = list((work / "out" / "markers").glob("*.json"))
@@ -126,7 +153,7 @@ def main() -> None:
     print(json.dumps(out, indent=2))
     results = ROOT / "benchmarks" / "results"
     results.mkdir(exist_ok=True)
-    name = f"many-shards-{args.storage}-{args.engine}-{args.shards}.json"
+    name = f"many-shards-{args.storage}-{args.engine}-{out['database']}-{args.shards}.json"
     (results / name).write_text(json.dumps(out, indent=2) + "\n")
 
 
