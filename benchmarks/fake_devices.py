@@ -56,7 +56,7 @@ def main() -> None:
             batch_size=rows // batches,
         )
         if not warm:  # start the embedded server once, outside the timings
-            run_flow(config.model_copy(update={"output_uri": str(root / "warmup")}), show_progress=False)
+            run_flow(config.replace(output_uri=str(root / "warmup")), show_progress=False)
             warm = True
         started = time.perf_counter()
         report = run_flow(config, show_progress=False)
