@@ -22,8 +22,13 @@ from batchinfer.errors import ConfigError
 # BENCHMARKS.md. Part of the output fingerprint: a rerun never mixes two codecs.
 OUTPUT_COMPRESSION = "snappy"
 
-# The columns scoring adds to each output row, beside the key and the passthrough columns.
-OUTPUT_COLUMNS = ("prediction", "probabilities", "embedding")
+# What a model's outputs mean, and so which columns they become and which checks they must pass
+# (batchinfer/outputs.py holds the table of kinds).
+OutputKind = Literal["classifier", "multilabel", "regression", "embedding", "raw"]
+OUTPUT_KINDS: tuple[str, ...] = ("classifier", "multilabel", "regression", "embedding", "raw")
+# Every column scoring may add to an output row, beside the key and the passthrough columns.
+OUTPUT_COLUMNS = ("prediction", "probabilities", "label", "labels", "predictions", "embedding", "output")
+DEFAULT_THRESHOLD = 0.5
 
 Precision = Literal["fp32", "bf16", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
@@ -39,6 +44,18 @@ _SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session
 _SECRET_KEYS = {"key", "aws_access_key_id", "access_key", "access_key_id", "client_secret"}
 
 _GROUP = ConfigDict(frozen=True, extra="forbid")
+
+
+def _split(value: Any) -> Any:
+    """A comma-separated string as a list (the command line's form of a list)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def text_columns(value: str | None) -> list[str]:
+    """The text columns of a `text_column` setting: one name, or two ('a,b') for text pairs."""
+    return [part.strip() for part in value.split(",") if part.strip()] if value else []
 
 
 def _strip(value: str) -> str:
@@ -66,7 +83,10 @@ class InputConfig(BaseModel):
         description="Feature columns (names or globs such as 'f*'). Empty: the names recorded in the checkpoint.",
     )
     text_column: str | None = Field(
-        default=None, title="Text column", description="Text column, for text models such as minilm."
+        default=None,
+        title="Text column",
+        description="Text column, for text models such as minilm; two columns 'a,b' give text pairs "
+        "(cross-encoders, NLI classifiers).",
     )
     passthrough: list[str] = Field(
         default_factory=list, title="Passthrough columns", description="Input columns copied unchanged to the output."
@@ -86,9 +106,17 @@ class InputConfig(BaseModel):
     @field_validator("features", "passthrough", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return _split(value)
+
+    @field_validator("text_column")
+    @classmethod
+    def _text_columns(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        names = text_columns(value)
+        if not 1 <= len(names) <= 2 or len(set(names)) != len(names):
+            raise ValueError("must name one text column, or two different ones for text pairs ('a,b')")
+        return ",".join(names)
 
     @field_validator("passthrough")
     @classmethod
@@ -131,13 +159,47 @@ class ModelConfig(BaseModel):
     precision: Precision = Field(
         default="fp32",
         title="Precision",
-        description="fp32, bf16/fp16 autocast, or int8 dynamic quantisation (CPU, built-in models).",
+        description="fp32; bf16/fp16 (the weights cast to that type on the device); or int8 dynamic "
+        "quantisation (CPU, built-in models).",
+    )
+    output_kind: OutputKind | None = Field(
+        default=None,
+        title="Output kind",
+        description="What the model's outputs are: classifier, multilabel, regression, embedding or raw. "
+        "Empty: what the model declares (checkpoint metadata, the factory, the Hugging Face config); "
+        "exported and ONNX files without that metadata need it.",
+    )
+    labels: list[str] | None = Field(
+        default=None,
+        title="Labels",
+        description="Class names in output order, for classifier and multilabel outputs. Empty: the names the "
+        "model records (checkpoint metadata, a Hugging Face config's id2label).",
+    )
+    threshold: float = Field(
+        default=DEFAULT_THRESHOLD,
+        ge=0.0,
+        le=1.0,
+        title="Threshold",
+        description="Multilabel outputs: a label is on when its probability is above this.",
     )
 
     @field_validator("model")
     @classmethod
     def _not_blank(cls, value: str) -> str:
         return _strip(value)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: Any) -> Any:
+        return _split(value)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            repeated = next(name for name in value if value.count(name) > 1)
+            raise ValueError(f"{repeated!r} is listed twice")
+        return value or None
 
 
 class ComputeConfig(BaseModel):

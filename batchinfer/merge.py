@@ -2,16 +2,17 @@
 
 Checks, per shard: a marker that matches the plan; the output schema; row counts
 (output + error rows = planned rows); the keys (output keys plus error keys are
-exactly the shard's input keys); finite values; probabilities summing to 1 and
-embeddings of unit norm. Across shards: no key twice. The merged parts are
-committed only if every check passed; `manifest.json` follows, `_SUCCESS` last.
+exactly the shard's input keys); the checks of the output kind (batchinfer/outputs.py:
+finite values everywhere; classifier rows summing to 1 with the argmax predicted,
+multilabel probabilities in [0, 1], unit-norm embeddings where the model declares
+them). Across shards: no key twice, one schema. The merged parts are committed
+only if every check passed; `manifest.json` follows, `_SUCCESS` last.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,10 +20,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
+from batchinfer import outputs
 from batchinfer.errors import BatchInferError
 from batchinfer.layout import Layout
 from batchinfer.pipeline import Plan, _read_column, find_done, manifest
@@ -31,9 +31,6 @@ from batchinfer.storage import Storage
 from batchinfer.writer import open_writer
 
 log = logging.getLogger(__name__)
-
-PROBABILITY_TOLERANCE = 1e-4
-NORM_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -140,13 +137,14 @@ def _write_parts(
     """
     written: set[int] = set()
     copies: list[tuple[str, str]] = []
+    first: list[pa.Schema] = []  # every shard's schema must be the first one's (the parts are read together)
     by_partition: dict[int, list[Shard]] = {}
     for shard in plan.shards:
         if shard.shard_id in markers:
             by_partition.setdefault(shard.partition_index, []).append(shard)
     for index, shards in sorted(by_partition.items()):
         if len(shards) == 1:
-            _validated_shard(plan, shards[0], markers[shards[0].shard_id], storage, in_storage, layout, report)
+            _validated_shard(plan, shards[0], markers[shards[0].shard_id], storage, in_storage, layout, report, first)
             copies.append((layout.shard(shards[0].shard_id), layout.part(index)))
             written.add(index)
             continue
@@ -154,7 +152,9 @@ def _write_parts(
         writer: pq.ParquetWriter | None = None
         try:
             for shard in shards:
-                table = _validated_shard(plan, shard, markers[shard.shard_id], storage, in_storage, layout, report)
+                table = _validated_shard(
+                    plan, shard, markers[shard.shard_id], storage, in_storage, layout, report, first
+                )
                 if writer is None:
                     writer = open_writer(tmp, table.schema)
                 writer.write_table(table, row_group_size=65_536)
@@ -162,7 +162,7 @@ def _write_parts(
             if writer is not None:
                 writer.close()
         written.add(index)
-    for name in ("schema", "row counts", "keys match the input", "finite", "probabilities sum to 1 / unit norm"):
+    for name in ("schema", "row counts", "keys match the input", "finite", f"{plan.settings.output.kind} outputs"):
         report.checks.append(Check(name, True))
     return written, copies
 
@@ -175,8 +175,9 @@ def _validated_shard(
     in_storage: Storage,
     layout: Layout,
     report: RunReport,
+    first: list[pa.Schema] | None = None,
 ) -> pa.Table:
-    """The shard's output table, checked against the plan and the input."""
+    """The shard's output table, checked against the plan, the input and the first shard's schema."""
     settings = plan.settings
     where = f"shard {shard.shard_id} ({shard.partition_uri})"
     try:
@@ -187,6 +188,10 @@ def _validated_shard(
     except Exception as exc:  # noqa: BLE001
         raise _Invalid(f"{where}: output file is not valid Parquet ({exc})") from None
     _check_schema(plan, table, where)
+    if first is not None:
+        if first and not table.schema.equals(first[0]):
+            raise _Invalid(f"{where}: schema check failed: {table.schema.to_string()!r} differs from the other shards'")
+        first[:1] = [table.schema]
     errors = _error_keys(storage, layout, shard, settings.key_column, where)
     # Keys before counts: a lost or repeated row is reported by its key, not only as a count mismatch.
     expected = _read_column(in_storage, shard.partition_uri, settings.key_column, range(shard.rg_start, shard.rg_stop))
@@ -231,16 +236,8 @@ def _error_keys(storage: Storage, layout: Layout, shard: Shard, key: str, where:
 def _check_schema(plan: Plan, table: pa.Table, where: str) -> None:
     settings = plan.settings
     key_type = plan.partitions[0].schema.get(settings.key_column)
-    expected = [settings.key_column]
-    kinds: dict[str, Any] = {}
-    if "embedding" in table.column_names and "probabilities" not in table.column_names:
-        expected.append("embedding")
-        kinds["embedding"] = pa.list_(pa.float32())
-    else:
-        expected += ["prediction", "probabilities"]
-        kinds["prediction"] = pa.int64()
-        kinds["probabilities"] = pa.list_(pa.float32())
-    expected += list(settings.passthrough)
+    kinds = dict(outputs.expected_schema(settings.output, table.column_names))
+    expected = [settings.key_column, *kinds, *settings.passthrough]
     if table.column_names != expected:
         raise _Invalid(f"{where}: schema check failed: columns {table.column_names}, expected {expected}")
     if str(table.schema.field(settings.key_column).type) != key_type:
@@ -251,50 +248,11 @@ def _check_schema(plan: Plan, table: pa.Table, where: str) -> None:
 
 
 def _check_values(plan: Plan, table: pa.Table, where: str) -> None:
-    column = "probabilities" if "probabilities" in table.column_names else "embedding"
-    lists = table.column(column).combine_chunks()
-    if lists.null_count:
-        raise _Invalid(f"{where}: finite check failed: {lists.null_count} null {column}")
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
-        raise _Invalid(f"{where}: schema check failed: {column} lists have uneven lengths")
-    if not len(lengths):
-        return
-    width = int(lengths[0])
-    values = lists.flatten().to_numpy(zero_copy_only=False).reshape(len(lengths), width)
-    keys = table.column(0)
-    # Flat passes and float32 matrix-vector products: per-row numpy reductions over rows this short cost
-    # 10x as much. A float32 sum of 10 probabilities (or of 384 squares) is within 1e-6 of the float64
-    # one, far inside the tolerances.
-    if not np.isfinite(values).all():
-        first = int(np.flatnonzero(~np.isfinite(values).all(axis=1))[0])
-        raise _Invalid(f"{where}: finite check failed: key {keys[first].as_py()!r} has NaN/inf")
-    if column == "probabilities":
-        sums = values @ np.ones(width, dtype=np.float32)
-        off = np.abs(sums - 1.0) > PROBABILITY_TOLERANCE
-        if off.any():
-            i = int(np.flatnonzero(off)[0])
-            raise _Invalid(f"{where}: probabilities check failed: key {keys[i].as_py()!r} sums to {sums[i]:.6f}")
-        predictions = table.column("prediction").to_numpy()
-        outside = (predictions < 0) | (predictions >= width)
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
-            raise _Invalid(f"{where}: prediction check failed: key {keys[i].as_py()!r} is class {predictions[i]}")
-        # torch's row maximum runs on every core; numpy's over rows of 10 is 8x slower.
-        with warnings.catch_warnings():  # a read-only view of Arrow's buffer: nothing writes into it
-            warnings.simplefilter("ignore", UserWarning)
-            rows = torch.from_numpy(values)
-        chosen = rows.gather(1, torch.from_numpy(predictions.astype(np.int64, copy=False))[:, None]).squeeze(1)
-        wrong = (chosen != rows.amax(dim=1)).numpy()
-        if wrong.any():
-            i = int(np.flatnonzero(wrong)[0])
-            raise _Invalid(f"{where}: prediction check failed: key {keys[i].as_py()!r} is not the argmax")
-    else:
-        norms = np.sqrt(np.einsum("ij,ij->i", values, values))
-        off = np.abs(norms - 1.0) > NORM_TOLERANCE
-        if off.any():
-            i = int(np.flatnonzero(off)[0])
-            raise _Invalid(f"{where}: unit norm check failed: key {keys[i].as_py()!r} has norm {norms[i]:.6f}")
+    """The checks of the run's output kind (batchinfer/outputs.py), named for the shard."""
+    try:
+        outputs.check(table, plan.settings.output)
+    except outputs.OutputInvalid as exc:
+        raise _Invalid(f"{where}: {exc}") from None
 
 
 def _check_input_unchanged(plan: Plan, in_storage: Storage, report: RunReport) -> None:

@@ -6,6 +6,7 @@ them directly (used by benchmarks and as a reference for the flow).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -18,7 +19,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from batchinfer import devices, progress
-from batchinfer.config import RunConfig
+from batchinfer.config import RunConfig, text_columns
 from batchinfer.devices import Device, configure_threads, discover, engine_assigned, limit_malloc_arenas
 from batchinfer.errors import (
     BatchInferError,
@@ -30,6 +31,7 @@ from batchinfer.errors import (
 )
 from batchinfer.layout import Layout
 from batchinfer.models.base import ModelSpec, digest, resolve_model
+from batchinfer.outputs import OutputSpec
 from batchinfer.planning import (
     Partition,
     Shard,
@@ -75,6 +77,8 @@ def _cached_spec(
     features: tuple[str, ...] | None,
     text_column: str | None,
     options_json: str,
+    output_kind: str | None = None,
+    labels: tuple[str, ...] | None = None,
 ) -> ModelSpec:
     return resolve_model(
         model,
@@ -83,6 +87,8 @@ def _cached_spec(
         features=list(features) if features else None,
         text_column=text_column,
         storage_options=json.loads(options_json),
+        output_kind=output_kind,
+        labels=list(labels) if labels else None,
     )
 
 
@@ -95,7 +101,14 @@ def model_spec(config: RunConfig) -> ModelSpec:
         tuple(config.input.features) if config.input.features else None,
         config.input.text_column,
         json.dumps(config.input.storage_options, sort_keys=True),
+        config.model.output_kind,
+        tuple(config.model.labels) if config.model.labels else None,
     )
+
+
+def output_spec(config: RunConfig, spec: ModelSpec) -> OutputSpec:
+    """What the output rows hold: the model's kind and labels, with the run's threshold."""
+    return dataclasses.replace(spec.output, threshold=config.model.threshold)
 
 
 def _norm(uri: str) -> str:
@@ -141,15 +154,31 @@ def check_shared_storage(config: RunConfig) -> None:
 
 
 def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tuple[list[str], str | None]:
-    """Which columns feed the model: feature names (by name, never position) or the text column."""
+    """Which columns feed the model: feature names (by name, never position) or the text column(s)."""
     if spec.input_kind == "text":
-        if not config.input.text_column:
+        texts = text_columns(config.input.text_column)
+        if not texts:
             raise ConfigError(f"--model {config.model.model} reads text: give --text-column NAME")
+        if len(texts) == 2 and not spec.text_pairs:
+            raise ConfigError(
+                f"--model {config.model.model} reads one text column; --text-column names two "
+                f"({', '.join(texts)}), which only text-pair models (cross-encoders, NLI classifiers) take"
+            )
         return [], config.input.text_column
-    if config.input.text_column and not config.input.features and not spec.feature_names:
+    if config.input.text_column and not config.input.features and not spec.feature_names and not spec.named_inputs:
         raise ConfigError(f"--model {config.model.model} reads numeric features, not text: give --features")
-    if config.input.features:
-        names = resolve_columns(config.input.features, first)
+    features = config.input.features
+    if not features and spec.named_inputs:
+        missing = [name for name in spec.named_inputs if name not in first.schema]
+        if missing:
+            raise ModelError(
+                f"{spec.describe.get('file', spec.name)}: input {missing[0]!r} matches no column of {first.uri} "
+                f"(give --features, or name the inputs after the columns)",
+                uri=first.uri,
+            )
+        features = list(spec.named_inputs)
+    if features:
+        names = resolve_columns(features, first)
         width = array_width(first.schema.get(names[0], "")) if len(names) == 1 else None
         if width:  # all features in one fixed-size-list column, in the model's order
             if spec.feature_names and width != len(spec.feature_names):
@@ -297,11 +326,12 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
         partitions,
         key_column=config.input.key_column,
         features=features,
-        text_column=text_column,
+        text_columns=text_columns(text_column),
         passthrough=list(config.input.passthrough),
     )
     shards = plan_shards(partitions, config.compute.shard_rows)
-    model_fingerprint = digest(spec.fingerprint, json.dumps([features, text_column]))
+    output = output_spec(config, spec)
+    model_fingerprint = digest(spec.fingerprint, json.dumps([features, text_column, output.to_dict()]))
     settings = ShardSettings(
         output_uri=config.output.uri.rstrip("/"),
         key_column=config.input.key_column,
@@ -313,6 +343,7 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
         model_fingerprint=model_fingerprint,
         output_fingerprint=config.output_fingerprint(),
         storage_options=config.input.storage_options,
+        output=output,
     )
     plan = Plan(config, partitions, shards, settings, devices)
     if check_existing:
@@ -399,6 +430,7 @@ def manifest(
         "output_fingerprint": plan.settings.output_fingerprint,
         "features": list(plan.settings.features),
         "text_column": plan.settings.text_column,
+        "output": plan.settings.output.to_dict(),
         "partitions": [
             {"uri": p.uri, "rows": p.num_rows, "row_groups": len(p.row_groups), "fingerprint": p.fingerprint}
             for p in plan.partitions

@@ -164,11 +164,11 @@ def check_schemas(
     *,
     key_column: str,
     features: list[str],
-    text_column: str | None,
+    text_columns: list[str],
     passthrough: list[str],
 ) -> None:
     """Every partition has every needed column, with usable types that agree across partitions."""
-    needed = [key_column, *features, *([text_column] if text_column else []), *passthrough]
+    needed = list(dict.fromkeys([key_column, *features, *text_columns, *passthrough]))
     reference: dict[str, tuple[str, str]] = {}
     for part in partitions:
         for column in needed:
@@ -185,7 +185,7 @@ def check_schemas(
         dtype, uri = reference[column]
         if not dtype.startswith(_NUMERIC_PREFIXES) and not (len(features) == 1 and array_width(dtype)):
             raise SchemaError(f"feature column {column!r} has type {dtype} in {uri}; expected a number", uri=uri)
-    if text_column:
+    for text_column in text_columns:
         dtype, uri = reference[text_column]
         if dtype not in _TEXT_TYPES:
             raise SchemaError(f"text column {text_column!r} has type {dtype} in {uri}; expected a string", uri=uri)

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from batchinfer import devices, progress
-from batchinfer.config import OUTPUT_COMPRESSION
+from batchinfer import devices, outputs, progress
+from batchinfer.config import OUTPUT_COMPRESSION, text_columns
 from batchinfer.devices import WORKERS, Device, DeviceWorkers, hold_device, stopping
 from batchinfer.errors import BatchInferError, ModelError, ShardFailedError, Stopped
 from batchinfer.layout import Layout
@@ -68,6 +68,12 @@ class ShardSettings:
     model_fingerprint: str
     output_fingerprint: str
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    output: outputs.OutputSpec = field(default_factory=outputs.OutputSpec)
+
+    @property
+    def text_columns(self) -> list[str]:
+        """One text column, or two for text pairs."""
+        return text_columns(self.text_column)
 
 
 @dataclass
@@ -166,14 +172,6 @@ def score_shard(
     return stats
 
 
-def _list_array(values: np.ndarray) -> pa.Array:
-    rows, width = values.shape
-    if rows == 0:
-        return pa.array([], type=pa.list_(pa.float32()))
-    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=pa.float32()))
-
-
 def _score_and_commit(
     shard: Shard,
     settings: ShardSettings,
@@ -186,7 +184,7 @@ def _score_and_commit(
     layout = Layout(settings.output_uri)
     in_storage = Storage(shard.partition_uri, settings.storage_options)
     text = spec.input_kind == "text"
-    inputs = [settings.text_column] if text else list(settings.features)
+    inputs = settings.text_columns if text else list(settings.features)
     columns = list(dict.fromkeys([settings.key_column, *inputs, *settings.passthrough]))
     chunk_rows = CHUNK_ROWS_TEXT if text else CHUNK_ROWS_FEATURES
     error_keys: list[Any] = []
@@ -257,8 +255,30 @@ def _with_tokens(
         if tokenize is None or getattr(predictor, "encode_ids", None) is None:
             yield batch, None
             continue
-        texts = batch.column(settings.text_column)
-        yield batch, tokenize(texts.drop_null().to_pylist()) if len(texts) else []
+        ok, _ = _text_rows(batch, settings)
+        yield batch, tokenize(_texts(batch, settings, ok)) if batch.num_rows else []
+
+
+def _text_rows(batch: pa.RecordBatch, settings: ShardSettings) -> tuple[np.ndarray, list[str]]:
+    """Which rows have every text column set, and why the others cannot be scored."""
+    ok = np.ones(batch.num_rows, dtype=bool)
+    reasons = np.full(batch.num_rows, "", dtype=object)
+    for name in reversed(settings.text_columns):  # a row's reason names its first null column
+        null = np.asarray(batch.column(name).is_null().to_numpy(zero_copy_only=False))
+        ok &= ~null
+        reasons[null] = f"text column {name!r} is null"
+    return ok, reasons[~ok].tolist()
+
+
+def _texts(batch: pa.RecordBatch, settings: ShardSettings, ok: np.ndarray) -> list[Any]:
+    """The texts of the rows to score: strings, or (a, b) tuples for text pairs."""
+    mask = None if ok.all() else pa.array(ok)
+    columns = [
+        batch.column(name) if mask is None else batch.column(name).filter(mask) for name in settings.text_columns
+    ]
+    if len(columns) == 1:
+        return columns[0].to_pylist()
+    return list(zip(*(c.to_pylist() for c in columns), strict=True))
 
 
 def batch_size_for(settings: ShardSettings, spec: ModelSpec, device: Device) -> int:
@@ -300,10 +320,8 @@ def _score_chunk(
     """Score one chunk; return the output table of good rows and the keys/reasons of bad rows."""
     keys = batch.column(settings.key_column)
     if spec.input_kind == "text":
-        texts = batch.column(settings.text_column)
-        ok = ~np.asarray(texts.is_null().to_numpy(zero_copy_only=False))
-        reasons = [f"text column {settings.text_column!r} is null"] * int((~ok).sum())
-        good_texts = texts.filter(pa.array(ok)).to_pylist() if tokens is None else []
+        ok, reasons = _text_rows(batch, settings)
+        good_texts = _texts(batch, settings, ok) if tokens is None else []
         values = _predict_texts(good_texts, settings, spec, predictor, device, tokens)
     else:
         matrix, ok, reasons = feature_matrix(batch, list(settings.features))
@@ -312,14 +330,8 @@ def _score_chunk(
     _check_outputs(values, spec, shard, keys.filter(pa.array(ok)))
     good_keys = keys if ok.all() else keys.filter(pa.array(ok))
     columns: dict[str, pa.Array] = {settings.key_column: good_keys}
-    if spec.output_kind == "classifier":
-        # torch's argmax (the first maximal index, like numpy's) over rows of a few classes is 2x numpy's.
-        # A chunk whose rows all went to errors has no values (and no width) at all.
-        predictions = torch.from_numpy(values).argmax(dim=1).numpy() if len(values) else np.zeros(0, np.int64)
-        columns["prediction"] = pa.array(predictions)
-        columns["probabilities"] = _list_array(values)
-    else:
-        columns["embedding"] = _list_array(values)
+    # A chunk whose rows all went to errors has no values (and no width) at all.
+    columns.update(outputs.columns(values, settings.output))
     for name in settings.passthrough:
         column = batch.column(name)
         columns[name] = column if ok.all() else column.filter(pa.array(ok))
@@ -382,7 +394,8 @@ def _predict_texts(
 ) -> np.ndarray:
     """Score texts in length-sorted batches (less padding) and restore the original order.
 
-    `ids` are the texts' token ids when the prefetch thread already tokenized them.
+    `ids` are the texts' token ids when the prefetch thread already tokenized them. A model without a
+    tokenizer of its own gets its texts sorted by length in characters.
     """
     encode_ids = getattr(predictor, "encode_ids", None)
     tokenize = getattr(predictor, "tokenize", None)
@@ -391,10 +404,8 @@ def _predict_texts(
     count = len(ids) if ids is not None else len(texts)
     if count == 0:
         return np.zeros((0, 0), dtype=np.float32)
-    if ids is not None:
-        order = np.argsort(np.fromiter((len(t) for t in ids), dtype=np.int64, count=count), kind="stable")
-    else:
-        order = np.arange(count)
+    sizes = ids if ids is not None else texts
+    order = np.argsort(np.fromiter((_text_length(t) for t in sizes), dtype=np.int64, count=count), kind="stable")
 
     def run(index: np.ndarray) -> Any:
         if ids is not None:
@@ -421,6 +432,11 @@ def _predict_texts(
             start += len(index)
     assert result is not None
     return result.cpu().numpy()
+
+
+def _text_length(item: Any) -> int:
+    """Tokens of a tokenized text, characters of a text, of both texts of a pair."""
+    return len(item[0]) + len(item[1]) if isinstance(item, tuple) else len(item)
 
 
 def _as_output(value: Any, rows: int) -> torch.Tensor:

@@ -56,6 +56,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, groups: Sequence[str]
             shown = "" if info.is_required() or default in (None, [], {}) else f" (default: {default})"
             options: dict[str, Any] = {"help": f"{info.description}{shown}", "default": argparse.SUPPRESS}
             kind = info.annotation
+            literal = [a for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal]
+            if literal:  # an optional choice, such as `OutputKind | None`
+                kind = literal[0]
             if kind is bool:
                 options["action"] = "store_true"
             elif typing.get_origin(kind) is typing.Literal:

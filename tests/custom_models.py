@@ -30,7 +30,8 @@ class CharacterEmbedder:
     """A unit vector from [length, count of 'a', count of ' ', 1]: cheap, and different for every sentence here."""
 
     input_kind = "text"
-    output_kind = "embedder"
+    output_kind = "embedder"  # the earlier name of "embedding", still understood
+    normalizes = True  # so merge-and-validate checks the unit norm
 
     def load(self, device: torch.device) -> CharacterEmbedder:
         self.device = device

@@ -415,6 +415,9 @@ def test_custom_model_without_the_factory(data, tmp_path, capsys):
     )
 
 
+CLASSIFIER = ("--output-kind", "classifier")  # an exported file's logits, read as class scores
+
+
 def _scripted(path: Path, width: int) -> Path:
     torch.jit.save(torch.jit.script(torch.nn.Linear(width, 3)), str(path))
     return path
@@ -422,7 +425,7 @@ def _scripted(path: Path, width: int) -> Path:
 
 def test_torchscript_file_that_does_not_match_the_features(data, tmp_path, capsys):
     model = _scripted(tmp_path / "linear8.pt", 8)
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(model), "--features", "f*")
+    line = refused(capsys, "plan", "--input", data["good"], "--model", str(model), "--features", "f*", *CLASSIFIER)
     assert line == (
         f"{model} does not accept a [rows, 64] float32 input as --features declares "
         "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x64 and 8x3))"
@@ -432,7 +435,9 @@ def test_torchscript_file_that_does_not_match_the_features(data, tmp_path, capsy
 def test_torchscript_file_that_matches_the_features(data, capsys, tmp_path):
     """The same check passes when the globbed columns give the width the model takes."""
     model = _scripted(tmp_path / "linear8.pt", 8)
-    code, out = cli(capsys, "plan", "--input", data["good"], "--model", str(model), "--features", "f0[0-7]")
+    code, out = cli(
+        capsys, "plan", "--input", data["good"], "--model", str(model), "--features", "f0[0-7]", *CLASSIFIER
+    )
     assert code == EXIT_OK and out.startswith(f"2 partitions, 2 shards, {2 * ROWS_PER_PART} rows")
 
 
@@ -440,7 +445,7 @@ def test_torch_export_file_that_does_not_match_the_features(data, tmp_path, caps
     program = torch.export.export(torch.nn.Linear(8, 3), (torch.zeros(2, 8),))
     path = tmp_path / "linear8.pt2"
     torch.export.save(program, str(path))
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f*")
+    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f*", *CLASSIFIER)
     assert line == (
         f"{path} does not accept a [rows, 64] float32 input as --features declares (Guard failed: input.size()[1] == 8)"
     )
@@ -451,7 +456,7 @@ def test_torch_export_file_with_a_fixed_batch_size(data, tmp_path, capsys):
     program = torch.export.export(torch.nn.Linear(8, 3), (torch.zeros(2, 8),))
     path = tmp_path / "batch2.pt2"
     torch.export.save(program, str(path))
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f0[0-7]")
+    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f0[0-7]", *CLASSIFIER)
     assert line == (
         f"{path} does not accept a [rows, 8] float32 input as --features declares (Guard failed: input.size()[0] == 2)"
     )

@@ -108,6 +108,7 @@ class _MakesATensor(torch.nn.Module):
 
 
 def test_exported_program_that_creates_tensors_runs_on_the_gpu(tmp_path):
+    from batchinfer.models.base import Wanted
     from batchinfer.models.exported import resolve
 
     torch.manual_seed(0)
@@ -115,7 +116,9 @@ def test_exported_program_that_creates_tensors_runs_on_the_gpu(tmp_path):
     path = tmp_path / "model.pt2"
     program = torch.export.export(module, (torch.randn(4, 3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
-    spec = resolve(str(path), precision="fp32", features=["a", "b", "c"], storage_options={})
+    spec = resolve(
+        str(path), precision="fp32", features=["a", "b", "c"], storage_options={}, wanted=Wanted("classifier")
+    )
     x = torch.randn(64, 3)
     with torch.inference_mode():
         on_gpu = spec.load(torch.device("cuda:0")).predict(x.to("cuda:0")).cpu()

@@ -76,7 +76,7 @@ def test_exported_model_matches_the_plain_module(kind: str, data: Path, tmp_path
     """An exported file scores like the module it came from (softmax of its logits), batches of one row included."""
     module = logits_module()
     path = save_exported(module, kind, tmp_path)
-    joined = score(data, tmp_path / "out", model=str(path), features=FEATURES)
+    joined = score(data, tmp_path / "out", model=str(path), features=FEATURES, output_kind="classifier")
     with torch.no_grad():
         expected = torch.softmax(module(torch.from_numpy(joined.select(FEATURES).to_numpy())), dim=1).numpy()
     assert np.abs(probabilities(joined) - expected).max() <= 1e-5

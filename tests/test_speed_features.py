@@ -26,6 +26,7 @@ from batchinfer.errors import ConfigError
 from batchinfer.merge import merge_and_validate
 from batchinfer.models import mlp
 from batchinfer.models.base import ModelSpec
+from batchinfer.outputs import OutputSpec
 from batchinfer.pipeline import prepare, run_shard, start_run
 from batchinfer.reader import feature_matrix, iter_shard, prefetch
 from batchinfer.runner import ShardSettings
@@ -305,7 +306,7 @@ def _spec(kind: str = "text", fingerprint: str = "fp-test") -> ModelSpec:
     return ModelSpec(
         name="fake",
         input_kind=kind,  # type: ignore[arg-type]
-        output_kind="embedder",
+        output=OutputSpec("embedding"),
         fingerprint=fingerprint,
     )
 

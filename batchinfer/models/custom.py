@@ -4,8 +4,13 @@ Example::
 
     class MyModel:
         input_kind = "features"        # or "text"
-        output_kind = "classifier"     # probabilities per class; or "embedder"
+        output_kind = "classifier"     # what predict returns: class probabilities (rows sum to 1);
+                                       # "multilabel" (probabilities in [0, 1]), "regression",
+                                       # "embedding" (vectors), or "raw" (anything finite)
+        labels = ["cat", "dog", "owl"] # optional class names (classifier, multilabel)
+        normalizes = False             # optional: embeddings are unit vectors (checked when True)
         feature_names = ["f0", "f1"]   # optional; else --features
+        text_pairs = False             # optional: text models that take (a, b) pairs (--text-column a,b)
         version = "2024-05-01"         # optional; part of the model fingerprint
 
         def load(self, device):        # called once per device
@@ -13,6 +18,11 @@ Example::
 
         def predict(self, batch):
             ...
+
+Text models are handed their texts sorted by length (characters) in each
+chunk, so a batch holds texts of similar length; a predictor that also has
+`tokenize(texts) -> list of token id lists` and `encode_ids(ids) -> Tensor`
+gets batches sorted by token count instead, and tokenizes in the prefetch thread.
 
     def factory():
         return MyModel()
@@ -26,7 +36,7 @@ from typing import Any, Protocol
 import torch
 
 from batchinfer.errors import ModelError
-from batchinfer.models.base import ModelSpec, Precisioned, Predictor, digest, import_object
+from batchinfer.models.base import ModelSpec, Precisioned, Predictor, Wanted, choose_output, digest, import_object
 
 
 class CustomModel(Protocol):
@@ -37,16 +47,28 @@ class CustomModel(Protocol):
 
 
 class _Wrapped:
+    """The factory's predictor under the requested precision (autocast: batchinfer cannot cast an object
+    it does not know); its `tokenize`/`encode_ids`, when it has them, stay visible to the runner."""
+
     def __init__(self, inner: Predictor, precision: str, device: torch.device):
         self.inner = inner
         self.runner = Precisioned(precision, device)
+        if callable(getattr(inner, "tokenize", None)) and callable(getattr(inner, "encode_ids", None)):
+            self.tokenize = inner.tokenize  # type: ignore[attr-defined]
+            self.encode_ids = self._encode_ids
 
     def predict(self, batch: Any) -> torch.Tensor:
         with self.runner.context():
             return self.inner.predict(batch)
 
+    def _encode_ids(self, ids: Any) -> torch.Tensor:
+        with self.runner.context():
+            return self.inner.encode_ids(ids)  # type: ignore[attr-defined]
 
-def resolve(target: str, *, precision: str, features: list[str] | None, text_column: str | None) -> ModelSpec:
+
+def resolve(
+    target: str, *, precision: str, features: list[str] | None, text_column: str | None, wanted: Wanted = Wanted()
+) -> ModelSpec:
     factory = import_object(target)
     if not callable(factory):
         raise ModelError(f"--model {target!r} is not callable")
@@ -58,8 +80,15 @@ def resolve(target: str, *, precision: str, features: list[str] | None, text_col
     output_kind = getattr(model, "output_kind", None)
     if input_kind not in ("features", "text"):
         raise ModelError(f"--model {target!r}: input_kind must be 'features' or 'text', got {input_kind!r}")
-    if output_kind not in ("classifier", "embedder"):
-        raise ModelError(f"--model {target!r}: output_kind must be 'classifier' or 'embedder', got {output_kind!r}")
+    labels = getattr(model, "labels", None)
+    output = choose_output(
+        f"--model {target!r}",
+        wanted,
+        declared=output_kind,
+        source="factory's output_kind",
+        labels=tuple(str(x) for x in labels) if labels else None,
+        normalized=bool(getattr(model, "normalizes", False)),
+    )
     if not callable(getattr(model, "load", None)):
         raise ModelError(f"--model {target!r}: the object has no load(device) method")
     if precision == "int8":
@@ -80,9 +109,10 @@ def resolve(target: str, *, precision: str, features: list[str] | None, text_col
     return ModelSpec(
         name=target,
         input_kind=input_kind,
-        output_kind=output_kind,
+        output=output,
         fingerprint=digest("custom", target, version, source, precision),
         feature_names=tuple(names) if names else None,
         loader=load,
         describe={"factory": target, "version": version, "precision": precision},
+        text_pairs=bool(getattr(model, "text_pairs", False)) and input_kind == "text",
     )

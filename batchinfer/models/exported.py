@@ -1,12 +1,17 @@
 """Exported models: TorchScript archives (`torch.jit.save`) and `torch.export` programs (`.pt2`).
 
-Both take a float32 feature tensor [rows, features] and return class logits
-[rows, classes]; the pipeline applies softmax. Neither format unpickles
-arbitrary Python objects. The feature names come from `--features`.
+Both take a float32 feature tensor [rows, features] and return [rows, width]
+outputs. What those are is declared: by an extra file `batchinfer.json` saved
+in the archive (`{"output_kind": ..., "labels": [...], "normalizes": ...}`,
+see `save_metadata`) or by `--output-kind`. Classifier outputs are logits
+(softmax applied), multilabel ones logits (sigmoid applied), the other kinds
+are taken as they are. Neither format unpickles arbitrary Python objects.
+The feature names come from `--features`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -15,65 +20,94 @@ from typing import Any
 import torch
 
 from batchinfer.errors import ModelError
-from batchinfer.models.base import ModelSpec, Precisioned, digest
+from batchinfer.models.base import ModelSpec, Precisioned, Wanted, choose_output, declared_output, digest
 from batchinfer.models.checkpoints import read_checkpoint_bytes
+from batchinfer.outputs import activation
+
+METADATA_FILE = "batchinfer.json"
 
 
-def _load_module(data: bytes, uri: str, device: torch.device) -> Any:
+def save_metadata(output_kind: str, labels: list[str] | None = None, normalizes: bool = False) -> dict[str, str]:
+    """The extra file to save with an exported model so that it declares its outputs:
+    `torch.jit.save(module, path, _extra_files=save_metadata("classifier", ["cat", "dog"]))`, or
+    `torch.export.save(program, path, extra_files=...)`."""
+    return {METADATA_FILE: json.dumps({"output_kind": output_kind, "labels": labels, "normalizes": normalizes})}
+
+
+def _load_module(data: bytes, uri: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The module on `device` and the metadata the archive declares ({} when it has none)."""
     suffix = ".pt2" if uri.endswith(".pt2") else ".pt"
+    extra = {METADATA_FILE: ""}
     with tempfile.TemporaryDirectory(prefix="batchinfer-model-") as folder:
         path = os.path.join(folder, "model" + suffix)
         with open(path, "wb") as handle:
             handle.write(data)
         try:
             if suffix == ".pt2":
-                program = torch.export.load(path)
+                program = torch.export.load(path, extra_files=extra)
                 if device.type != "cpu":
                     # Tensors the graph creates (torch.zeros(..., device="cpu") at export) move too, not only weights.
                     from torch.export.passes import move_to_device_pass
 
                     program = move_to_device_pass(program, device)
-                return program.module().to(device)
-            return torch.jit.load(path, map_location=device).eval()
+                module = program.module().to(device)
+            else:
+                module = torch.jit.load(path, map_location=device, _extra_files=extra).eval()
         except Exception as exc:  # noqa: BLE001
             kind = "torch.export program" if suffix == ".pt2" else "TorchScript archive"
             raise ModelError(f"{uri} is not a loadable {kind} ({str(exc).splitlines()[0][:200]})", uri=uri) from None
+    raw = extra.get(METADATA_FILE) or ""
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{uri}: its {METADATA_FILE} is not valid JSON", uri=uri) from None
+    if not isinstance(metadata, dict):
+        raise ModelError(f"{uri}: its {METADATA_FILE} is not a JSON object", uri=uri)
+    return module, metadata
 
 
 class ExportedPredictor:
-    def __init__(self, module: Any, precision: str, device: torch.device):
-        self.module = module
+    def __init__(self, module: Any, precision: str, device: torch.device, kind: str):
         self.runner = Precisioned(precision, device)
+        self.module = self.runner.module(module)
+        self.finish = activation(kind)
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        with self.runner.context():
-            logits = self.module(batch)
+        logits = self.module(self.runner.inputs(batch))
         if isinstance(logits, (tuple, list)):
             logits = logits[0]
-        return torch.softmax(logits.float(), dim=1)
+        return self.finish(logits.float())
 
 
-def resolve(uri: str, *, precision: str, features: list[str] | None, storage_options: dict[str, Any]) -> ModelSpec:
+def resolve(
+    uri: str, *, precision: str, features: list[str] | None, storage_options: dict[str, Any], wanted: Wanted = Wanted()
+) -> ModelSpec:
     if not features:
         raise ModelError(f"--model {uri}: exported models need --features naming their input columns in order")
     if precision == "int8":
         raise ModelError(f"--precision int8 applies to built-in models only, not to the exported model {uri}")
     data = read_checkpoint_bytes(uri, storage_options)
-    probe = _load_module(data, uri, torch.device("cpu"))
+    probe, metadata = _load_module(data, uri, torch.device("cpu"))
+    kind, labels, normalizes = declared_output(metadata, uri)
+    output = choose_output(uri, wanted, declared=kind, source=METADATA_FILE, labels=labels, normalized=normalizes)
     # --features may hold globs: the probe runs once the columns are resolved (ModelSpec.accepts).
     widths: dict[int, int] = {}
 
     def accepts(n_features: int) -> None:
         if n_features not in widths:
             widths[n_features] = _probe_width(probe, uri, n_features)
+        if output.labels and widths[n_features] != len(output.labels):
+            raise ModelError(
+                f"{len(output.labels)} labels are known but {uri} gives {widths[n_features]} outputs per row", uri=uri
+            )
 
     def load(device: torch.device) -> ExportedPredictor:
-        return ExportedPredictor(_load_module(data, uri, device), precision, device)
+        return ExportedPredictor(_load_module(data, uri, device)[0], precision, device, output.kind)
 
     return ModelSpec(
         name=os.path.basename(uri),
         input_kind="features",
-        output_kind="classifier",
+        output=output,
         fingerprint=digest("exported", data, precision),
         feature_names=None,
         loader=load,
@@ -101,7 +135,7 @@ def _probe_width(module: Any, uri: str, n_features: int) -> int:
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != rows:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelError(f"{uri} returns {shape} for {rows} rows; expected [rows, classes] logits", uri=uri)
+            raise ModelError(f"{uri} returns {shape} for {rows} rows; expected [rows, width]", uri=uri)
         widths.add(int(out.shape[1]))
     return widths.pop()
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from batchinfer.errors import ModelError
-from batchinfer.models.base import ModelSpec, Precisioned, digest, quantize_if_asked
+from batchinfer.models.base import ModelSpec, Precisioned, Wanted, choose_output, digest, quantize_if_asked
 from batchinfer.models.bert import load_encoder
 
 # Tokenizing on an accelerator: texts per encode_batch call, and at most this many threads.
@@ -69,11 +69,11 @@ class MiniLMPredictor:
         self._fast.enable_truncation(self.max_length)
         self._fast.no_padding()
         self.pad_id = self._fast.token_to_id("[PAD]") or 0
+        self.runner = Precisioned(precision, device)
         self.model = quantize_if_asked(load_encoder(folder), precision, device)
         if precision != "int8":
-            self.model = self.model.to(device)
+            self.model = self.runner.module(self.model)
         self.device = device
-        self.runner = Precisioned(precision, device)
         workers = min(TOKENIZE_THREADS, os.cpu_count() or 1) if device.type != "cpu" else 1
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize") if workers > 1 else None
 
@@ -97,9 +97,7 @@ class MiniLMPredictor:
         cuda = self.device.type == "cuda"
         input_ids = torch.from_numpy(tokens).to(self.device, non_blocking=cuda)
         mask = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=cuda)
-        with self.runner.context():
-            out = self.model(input_ids, mask)
-        out = out.float()
+        out = self.model(input_ids, mask).float()
         weights = mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, p=2, dim=1)
@@ -108,7 +106,7 @@ class MiniLMPredictor:
         return self.encode_ids(self.tokenize(batch))
 
 
-def resolve(*, precision: str) -> ModelSpec:
+def resolve(*, precision: str, wanted: Wanted = Wanted()) -> ModelSpec:
     folder = model_dir()
     weights = folder / "model.safetensors"
     if not weights.exists():
@@ -119,10 +117,18 @@ def resolve(*, precision: str) -> ModelSpec:
     def load(device: torch.device) -> MiniLMPredictor:
         return MiniLMPredictor(folder, precision, device)
 
+    output = choose_output(
+        "--model minilm",
+        wanted,
+        declared="embedding",
+        source="built-in definition",
+        normalized=True,
+        width=int(json.loads((folder / "config.json").read_text())["hidden_size"]),
+    )
     return ModelSpec(
         name="minilm",
         input_kind="text",
-        output_kind="embedder",
+        output=output,
         fingerprint=fingerprint,
         loader=load,
         describe={"weights": str(weights), "precision": precision, "max_seq_length": max_seq_length(folder)},

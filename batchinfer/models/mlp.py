@@ -1,7 +1,10 @@
-"""The built-in MLP classifier: Linear layers with ReLU between, softmax at the end.
+"""The built-in MLP: Linear layers with ReLU between; its last layer's outputs read as its output kind.
 
 Checkpoint: safetensors with tensors `layers.{i}.weight` / `layers.{i}.bias`
 and metadata `feature_names` (a JSON list), so columns are matched by name.
+Optional metadata: `output_kind` (classifier by default: softmax at the end;
+multilabel: sigmoid; regression, embedding, raw: the outputs as they are),
+`labels` (a JSON list of class names) and `normalizes`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ import torch
 from torch import nn
 
 from batchinfer.errors import ModelError
-from batchinfer.models.base import ModelSpec, Precisioned, digest, quantize_if_asked
+from batchinfer.models.base import (
+    ModelSpec,
+    Precisioned,
+    Wanted,
+    choose_output,
+    declared_output,
+    digest,
+    quantize_if_asked,
+)
 from batchinfer.models.checkpoints import parse_safetensors, read_checkpoint_bytes
+from batchinfer.outputs import activation
 
 _LAYER = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
 
@@ -70,27 +82,39 @@ def build(tensors: dict[str, torch.Tensor], uri: str) -> MLP:
 class MLPPredictor:
     accepts_strided = True  # nn.Linear reads a column-major batch as it is, without a copy
 
-    def __init__(self, model: nn.Module, precision: str, device: torch.device):
-        self.model = model
+    def __init__(self, model: nn.Module, precision: str, device: torch.device, kind: str = "classifier"):
         self.runner = Precisioned(precision, device)
+        self.model = model if precision == "int8" else self.runner.module(model)
+        self.finish = activation(kind)
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        with self.runner.context():
-            logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=1)
+        return self.finish(self.model(self.runner.inputs(batch)).float())
 
 
-def resolve(checkpoint: str | None, *, precision: str, storage_options: dict[str, Any]) -> ModelSpec:
+def resolve(
+    checkpoint: str | None, *, precision: str, storage_options: dict[str, Any], wanted: Wanted = Wanted()
+) -> ModelSpec:
     if not checkpoint:
         raise ModelError("--model mlp needs --checkpoint URI (a safetensors file)")
     data = read_checkpoint_bytes(checkpoint, storage_options)
     tensors, metadata = parse_safetensors(data, checkpoint)
     sizes = layer_sizes(tensors, checkpoint)
     names = _feature_names(metadata, checkpoint, sizes[0])
+    kind, labels, normalizes = declared_output(metadata, checkpoint)
+    output = choose_output(
+        f"checkpoint {checkpoint}",
+        wanted,
+        declared=kind,
+        source="metadata",
+        default="classifier",
+        labels=labels,
+        normalized=normalizes,
+        width=sizes[-1],
+    )
 
     def load(device: torch.device) -> MLPPredictor:
         module = quantize_if_asked(build(tensors, checkpoint), precision, device)
-        return MLPPredictor(module.to(device) if precision != "int8" else module, precision, device)
+        return MLPPredictor(module, precision, device, output.kind)
 
     def accepts(n_features: int) -> None:
         if n_features != sizes[0]:
@@ -103,7 +127,7 @@ def resolve(checkpoint: str | None, *, precision: str, storage_options: dict[str
     return ModelSpec(
         name="mlp",
         input_kind="features",
-        output_kind="classifier",
+        output=output,
         fingerprint=digest("mlp", data, precision, json.dumps(names)),
         feature_names=names,
         loader=load,
@@ -129,9 +153,24 @@ def _feature_names(metadata: dict[str, str], uri: str, width: int) -> tuple[str,
     return tuple(str(n) for n in names)
 
 
-def save_checkpoint(model: MLP, path: str, feature_names: list[str]) -> None:
+def save_checkpoint(
+    model: MLP,
+    path: str,
+    feature_names: list[str],
+    *,
+    output_kind: str | None = None,
+    labels: list[str] | None = None,
+    normalizes: bool = False,
+) -> None:
     """Write an MLP checkpoint in the layout `resolve` reads."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, path, metadata={"feature_names": json.dumps(list(feature_names)), "architecture": "mlp"})
+    metadata = {"feature_names": json.dumps(list(feature_names)), "architecture": "mlp"}
+    if output_kind:
+        metadata["output_kind"] = output_kind
+    if labels:
+        metadata["labels"] = json.dumps(list(labels))
+    if normalizes:
+        metadata["normalizes"] = "true"
+    save_file(state, path, metadata=metadata)
