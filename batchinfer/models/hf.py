@@ -404,6 +404,8 @@ class HFPredictor:
                 **common,
             )
         missing = sorted(info.get("missing_keys") or [])
+        if layout.task != "classify":  # an encoder's pooler is not what sentence vectors are pooled from
+            missing = [name for name in missing if not name.startswith("pooler.")]
         if missing:
             raise ModelError(
                 f"{uri}: the safetensors weights lack {len(missing)} tensor(s) the model needs "
