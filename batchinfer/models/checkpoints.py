@@ -25,9 +25,20 @@ def read_checkpoint_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
         raise ModelError(f"checkpoint {uri} does not exist", uri=uri) from None
 
 
+def looks_like_safetensors(data: bytes) -> bool:
+    """An 8-byte little-endian header length, then a JSON header that fits in the data."""
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    return 0 < size <= len(data) - 8 and data[8:9] == b"{"
+
+
 def looks_like_pickle(data: bytes) -> bool:
-    """torch.save zip archives and raw pickles (protocol 2+ starts with 0x80)."""
-    return data[:2] == b"PK" or data[:1] == b"\x80"
+    """torch.save zip archives and raw pickles (protocol 2+ starts with 0x80 and the protocol number).
+
+    A safetensors file whose header length ends in the byte 0x80 starts like a pickle: its header decides.
+    """
+    if looks_like_safetensors(data):
+        return False
+    return data[:2] == b"PK" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
 
 
 def parse_safetensors(data: bytes, uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
