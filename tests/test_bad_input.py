@@ -183,7 +183,7 @@ def test_key_column_missing(data, capsys, tmp_path):
         ("id", "'id' is the key column, which every output row holds already (got 'id')"),
         (
             "f00,prediction",
-            "'prediction' is the name of an output column (prediction, probabilities, embedding) "
+            "'prediction' is the name of an output column (prediction, probabilities, label, labels, predictions, embedding, output) "
             "(got 'f00,prediction')",
         ),
         ("f00,f01,f00", "'f00' is listed twice (got 'f00,f01,f00')"),
