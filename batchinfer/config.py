@@ -160,7 +160,7 @@ class ModelConfig(BaseModel):
         default="fp32",
         title="Precision",
         description="fp32; bf16/fp16 (the weights cast to that type on the device); or int8 dynamic "
-        "quantisation (CPU, built-in models).",
+        "quantisation (CPU; built-in and Hugging Face models).",
     )
     output_kind: OutputKind | None = Field(
         default=None,

@@ -253,7 +253,8 @@ def _check_weights(model_folder: Path, folder: Path, uri: str) -> None:
             "loaded; batchinfer reads safetensors only (save_pretrained writes model.safetensors)",
             uri=uri,
         )
-    raise ModelError(f"{uri}: no model.safetensors in {_shown(uri, model_folder, folder).rstrip('/')}", uri=uri)
+    where = uri if model_folder == folder else _shown(uri, model_folder, folder)
+    raise ModelError(f"{where}: no model.safetensors in the directory", uri=uri)
 
 
 def _check_no_code(config: dict[str, Any], config_path: Path, model_folder: Path, folder: Path, uri: str) -> None:
