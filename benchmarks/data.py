@@ -116,6 +116,19 @@ def text(root: Path, count: int) -> Path:
     return text_path(root, count)
 
 
+def hf_classifier(root: Path) -> Path:
+    """The Hugging Face text classifier of the `hf` workload (batchinfer.demo.write_hf_classifier)."""
+    from batchinfer import demo
+
+    folder = root / "hf-classifier"
+    params = {"version": 1}
+    if not _ready(folder, params):
+        _fresh(folder)
+        demo.write_hf_classifier(folder)
+        _stamp(folder, params)
+    return folder
+
+
 def main() -> None:
     """Generate what is missing (run in its own process, so the benchmark driver stays small)."""
     parser = argparse.ArgumentParser()
@@ -123,6 +136,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=0)
     parser.add_argument("--sentences", type=int, default=0)
     parser.add_argument("--no-array", dest="array", action="store_false", help="skip the array-column layout")
+    parser.add_argument("--hf", action="store_true", help="write the Hugging Face text classifier")
     args = parser.parse_args()
     root = Path(args.root)
     checkpoint(root)
@@ -130,6 +144,8 @@ def main() -> None:
         tabular(root / "data", args.rows, array=args.array)
     if args.sentences:
         text(root / "data", args.sentences)
+    if args.hf:
+        hf_classifier(root)
 
 
 if __name__ == "__main__":

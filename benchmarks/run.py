@@ -415,6 +415,56 @@ def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool, device: str
     return _picked(rows, args.only), _picked(extra, args.only)
 
 
+def hf_rows(args: argparse.Namespace, bench: Path, device: str) -> tuple[list[Row], list[Row]]:
+    """A Hugging Face text classifier (`hf:` directory): the flow against transformers' own loop."""
+    folder = data.text_path(bench / "data", args.sentences)
+    model = f"hf:{bench / 'hf-classifier'}"
+    common = {"batch_size": args.text_batch_size, "threads": args.threads, "input": str(folder), "model": model}
+    on = {"device": device}
+    where = "" if device == "cpu" else f", tensors already on {device}"
+    rows = [
+        Row(f"(a) bare transformers loop, unsorted{where}", "hf-bare", {**common, **on, "sorted": False}, key="bare"),
+        Row(
+            f"(a') bare transformers loop, sorted by length{where}",
+            "hf-bare",
+            {**common, **on, "sorted": True},
+            key="bare",
+        ),
+        Row(
+            "(b) batchinfer flow (Prefect)",
+            "flow",
+            {**common, **on, "text_column": "text", "output": str(bench / "out" / "flow-hf")},
+            key="flow",
+        ),
+    ]
+    extra = [
+        Row(
+            "precision of each output kind",
+            "kinds-precision",
+            {**common, "precision_rows": min(args.sentences, args.text_precision_rows), "once": True},
+            key="precision",
+        )
+    ]
+    return _picked(rows, args.only), _picked(extra, args.only)
+
+
+def kinds_table(row: Row) -> str:
+    """Per output kind and precision: speed against fp32 and the deviation from fp32's outputs."""
+    if not row.runs:
+        return ""
+    result = row.runs[0]["kinds"]
+    heads = ["kind", "precision", "model", "x fp32", "max abs diff", "agreement / min cosine / max rel diff"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for name, values in result.items():
+        kind, precision = name.split()
+        third = values.get("agreement", values.get("min_cosine", values.get("max_rel_diff")))
+        what = "agreement" if "agreement" in values else "min cosine" if "min_cosine" in values else "max rel diff"
+        cells = [kind, precision, values["model"].split("/")[-1], f"{values['speed_x_fp32']:.2f}"]
+        cells += [f"{values['max_abs_diff']:.2e}", f"{what} {third:.6f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # -- reporting ---------------------------------------------------------------------------------------------
 
 
@@ -520,7 +570,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="MLP rows (64 float features)")
     parser.add_argument("--sentences", type=int, default=5_000, help="MiniLM sentences")
-    parser.add_argument("--workloads", default="mlp,minilm", help="comma-separated: mlp, minilm")
+    parser.add_argument("--workloads", default="mlp,minilm", help="comma-separated: mlp, minilm, hf")
     parser.add_argument("--batch-size", type=int, default=1024, help="MLP rows per forward pass, every variant")
     parser.add_argument("--text-batch-size", type=int, default=64, help="MiniLM sentences per forward pass")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
@@ -586,8 +636,9 @@ def main(argv: list[str] | None = None) -> None:
             "--rows",
             str(args.rows if "mlp" in workloads else 0),
             "--sentences",
-            str(args.sentences if "minilm" in workloads else 0),
+            str(args.sentences if {"minilm", "hf"} & set(workloads) else 0),
             *([] if args.array_layout and "array" in args.only else ["--no-array"]),
+            *(["--hf"] if "hf" in workloads else []),
         ],
         cwd=ROOT,
         check=True,
@@ -598,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
         plans["mlp"] = mlp_rows(args, bench, checkpoint, with_ray, device["device"])
     if "minilm" in workloads:
         plans["minilm"] = text_rows(args, bench, with_ray, device["device"])
+    if "hf" in workloads:
+        plans["hf"] = hf_rows(args, bench, device["device"])
     plans = {name: plan for name, plan in plans.items() if plan[0] or plan[1]}
 
     server = PrefectServer(home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log")
@@ -631,7 +684,7 @@ def save(name: str, results: dict[str, Any], args: argparse.Namespace) -> None:
         path = Path(args.json).resolve()
         text = json.dumps(results, indent=2)
     else:
-        size = args.rows if name == "mlp" else args.sentences
+        size = args.rows if name == "mlp" else args.sentences  # minilm, hf
         path = RESULTS / f"{name}-{size}.json"
         text = json.dumps(results[name], indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -687,12 +740,16 @@ def report(
             else f"per-shard overhead: {per_shard * 1000:.0f} ms"
         )
     precision = next((r for r in extra if r.variant.endswith("precision")), None)
-    precision_md = precision_table(precision, deviation) if precision else ""
-    workload = (
-        f"{args.rows:,} rows x 64 float32 features, MLP 64-256-256-10, batch {args.batch_size}"
-        if name == "mlp"
-        else f"{args.sentences:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}"
-    )
+    if precision and precision.variant == "kinds-precision":
+        precision_md = kinds_table(precision)
+    else:
+        precision_md = precision_table(precision, deviation) if precision else ""
+    workload = {
+        "mlp": f"{args.rows:,} rows x 64 float32 features, MLP 64-256-256-10, batch {args.batch_size}",
+        "minilm": f"{args.sentences:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}",
+        "hf": f"{args.sentences:,} sentences, a Hugging Face BertForSequenceClassification (the all-MiniLM-L6-v2 "
+        f"encoder, 2 classes) as `hf:DIR`, batch {args.text_batch_size}",
+    }[name]
     where = f"device {info['device']} ({info['device_name']}), " if info["device"] != "cpu" else ""
     repeats = max((len(row.runs) for row in rows), default=1)
     body = "\n\n".join(
@@ -701,7 +758,8 @@ def report(
             f"median of {repeats} run(s).",
             main_table,
             "\n".join(f"- {n}" for n in notes),
-            f"Precision (batchinfer's predictor, {precision.runs[0]['rows']:,} rows):\n\n{precision_md}"
+            f"Precision ({'each output kind, ' if name == 'hf' else ''}batchinfer's predictor, "
+            f"{precision.runs[0]['rows']:,} rows, CPU):\n\n{precision_md}"
             if precision_md
             else "",
         ]

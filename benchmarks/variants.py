@@ -518,6 +518,122 @@ def minilm_precision(params: dict[str, Any]) -> dict[str, Any]:
     return {"rows": len(texts), "seconds": 0.0, "precisions": results}
 
 
+# -- a Hugging Face text classifier ------------------------------------------------------------------------
+
+
+@variant("hf-bare")
+def hf_bare(params: dict[str, Any]) -> dict[str, Any]:
+    """The limit for a Hugging Face classifier: transformers' model over padded token tensors prepared in
+    advance (in file order, or sorted by length), softmax of the logits, nothing else."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    _threads(params)
+    device = _device(params)
+    folder = params["model"].removeprefix("hf:")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True).eval().to(device)
+    max_length = min(tokenizer.model_max_length, model.config.max_position_embeddings)
+    _, texts = _texts(params["input"])
+    batch = params["batch_size"]
+    order = np.arange(len(texts))
+    if params["sorted"]:
+        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+        order = np.argsort(lengths, kind="stable")
+    batches = []
+    for lo in range(0, len(order), batch):
+        chunk = [texts[i] for i in order[lo : lo + batch]]
+        enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        batches.append({k: v.to(device) for k, v in enc.items()})
+    out = torch.empty((len(texts), model.config.num_labels), device=device)
+    with torch.inference_mode():
+        model(**batches[0])
+        _sync(device)
+        start = time.perf_counter()
+        at = 0
+        for inputs in batches:
+            rows = len(inputs["input_ids"])
+            out[at : at + rows] = torch.softmax(model(**inputs).logits.float(), dim=1)
+            at += rows
+        _sync(device)
+        seconds = time.perf_counter() - start
+    return {"rows": len(texts), "seconds": seconds, "device": str(device)}
+
+
+def _kind_outputs(spec_name: str, kind: str | None, precision: str, texts: list[str], batch: int):
+    """batchinfer's predictor of `spec_name` read as `kind`, over length-sorted batches: outputs and seconds."""
+    import torch
+
+    from batchinfer.models.base import resolve_model
+
+    spec = resolve_model(
+        spec_name,
+        checkpoint=None,
+        precision=precision,
+        features=None,
+        text_column="text",
+        storage_options={},
+        output_kind=kind,
+    )
+    predictor = spec.load(torch.device("cpu"))
+    ids = predictor.tokenize(texts)
+    order = np.argsort([len(row) for row in ids], kind="stable")
+    parts = {}
+    with torch.inference_mode():
+        predictor.encode_ids([ids[i] for i in order[:batch]])
+        start = time.perf_counter()
+        for lo in range(0, len(order), batch):
+            index = order[lo : lo + batch]
+            for i, row in zip(index, predictor.encode_ids([ids[i] for i in index]), strict=True):
+                parts[int(i)] = row
+        seconds = time.perf_counter() - start
+    return torch.stack([parts[i] for i in range(len(texts))]).float(), seconds
+
+
+def _deviation(kind: str, out, reference, threshold: float = 0.5) -> dict[str, float]:
+    diff = (out - reference).abs()
+    if kind == "classifier":
+        agree = (out.argmax(1) == reference.argmax(1)).float().mean()
+        return {"max_abs_diff": float(diff.max()), "agreement": float(agree)}
+    if kind == "multilabel":
+        agree = ((out > threshold) == (reference > threshold)).all(dim=1).float().mean()
+        return {"max_abs_diff": float(diff.max()), "agreement": float(agree)}
+    if kind == "embedding":
+        cosine = (out * reference).sum(1) / (out.norm(dim=1) * reference.norm(dim=1))
+        return {"max_abs_diff": float(diff.max()), "min_cosine": float(cosine.min())}
+    scale = float(reference.abs().max())
+    return {"max_abs_diff": float(diff.max()), "max_rel_diff": float(diff.max()) / scale if scale else 0.0}
+
+
+@variant("kinds-precision")
+def kinds_precision(params: dict[str, Any]) -> dict[str, Any]:
+    """Each output kind at bf16 and fp16 (weights cast) against fp32, on the same sentences, on the CPU."""
+    _threads(params)
+    _, texts = _texts(params["input"])
+    texts = texts[: params["precision_rows"]]
+    cases = [
+        ("classifier", params["model"], None),
+        ("multilabel", params["model"], "multilabel"),
+        ("regression", params["model"], "regression"),
+        ("raw", params["model"], "raw"),
+        ("embedding", "minilm", None),
+    ]
+    results: dict[str, Any] = {}
+    for kind, model, asked in cases:
+        reference, fp32_seconds = _kind_outputs(model, asked, "fp32", texts, params["batch_size"])
+        for precision in ("bf16", "fp16"):
+            out, seconds = _kind_outputs(model, asked, precision, texts, params["batch_size"])
+            results[f"{kind} {precision}"] = {
+                "model": model,
+                "speed_x_fp32": fp32_seconds / seconds,
+                **_deviation(kind, out, reference),
+            }
+    return {"rows": len(texts), "seconds": 0.0, "kinds": results}
+
+
 def _vm_hwm_mb() -> float | None:
     """This process's own peak resident set (Linux), a cross-check of the driver's `ru_maxrss`."""
     try:

@@ -125,3 +125,23 @@ def test_exported_program_that_creates_tensors_runs_on_the_gpu(tmp_path):
         on_cpu = spec.load(torch.device("cpu")).predict(x)
         expected = torch.softmax(module(x), dim=1)
     assert torch.allclose(on_gpu, expected, atol=1e-5) and torch.allclose(on_cpu, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_halves_the_models_gpu_memory(precision):
+    """The weights are cast with the model (`model.to(dtype)`), not autocast over fp32 weights."""
+    from batchinfer.models import minilm
+
+    def loaded(which: str) -> int:
+        torch.cuda.synchronize(0)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(0)
+        predictor = minilm.resolve(precision=which).load(torch.device("cuda:0"))
+        used = torch.cuda.memory_allocated(0) - before
+        assert {p.dtype for p in predictor.model.parameters()} == {
+            torch.float32 if which == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[which]
+        }
+        del predictor
+        return used
+
+    assert loaded(precision) <= 0.55 * loaded("fp32")

@@ -322,6 +322,26 @@ def test_texts_are_scored_sorted_by_length_and_returned_in_input_order():
     assert sorted(lengths) == sorted(len(t.split()) for t in texts)
 
 
+class _CharacterCounter:
+    """A text model without a tokenizer of its own: it only has predict(texts)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def predict(self, texts: list[str]) -> torch.Tensor:
+        self.calls.append([len(t) for t in texts])
+        return torch.tensor([[float(len(t))] for t in texts])
+
+
+def test_a_text_model_without_a_tokenizer_gets_its_texts_sorted_by_length():
+    texts = demo.sentences(50, seed=6)
+    model = _CharacterCounter()
+    out = runner._predict_texts(texts, _text_settings(), _spec(), model, Device("cpu", "cpu"))
+    assert out[:, 0].tolist() == [float(len(t)) for t in texts]  # back in input order
+    lengths = [n for call in model.calls for n in call]
+    assert lengths == sorted(lengths) and len(model.calls) == 13  # batches of 4, shortest first
+
+
 def test_texts_tokenized_in_the_prefetch_thread_come_back_in_order():
     texts = demo.sentences(30, seed=4)
     model = _LengthEmbedder()
