@@ -107,8 +107,11 @@ def model_spec(config: RunConfig) -> ModelSpec:
 
 
 def output_spec(config: RunConfig, spec: ModelSpec) -> OutputSpec:
-    """What the output rows hold: the model's kind and labels, with the run's threshold."""
-    return dataclasses.replace(spec.output, threshold=config.model.threshold)
+    """What the output rows hold: the model's kind and labels, with the run's threshold, and its outputs per
+    row when the model declares them or they were found once the columns were resolved."""
+    probed = set(spec.widths.values())
+    width = spec.output.width if spec.output.width is not None else (probed.pop() if len(probed) == 1 else None)
+    return dataclasses.replace(spec.output, threshold=config.model.threshold, width=width)
 
 
 def _norm(uri: str) -> str:

@@ -195,16 +195,26 @@ def _score_and_commit(
     chunks = _with_tokens(batches, settings, predictor, text)
     with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
         writer = BackgroundWriter(tmp)
+        # A chunk whose rows all failed is written only if no chunk has rows: its schema may not be
+        # the others' (a regression that does not declare its width shows it in its values).
+        empty: pa.Table | None = None
+        wrote = False
         try:
             for batch, tokens in prefetch(chunks):
                 _stop_if_asked(shard.shard_id)
                 table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
-                writer.write(table)
+                if table.num_rows:
+                    writer.write(table)
+                    wrote = True
+                elif empty is None:
+                    empty = table
                 error_keys.extend(bad_keys)
                 error_reasons.extend(bad_reasons)
                 stats.rows_in += batch.num_rows
                 stats.rows_out += table.num_rows
                 progress.emit(progress.Event("rows", shard.shard_id, rows=batch.num_rows))
+            if not wrote and empty is not None:
+                writer.write(empty)
             writer.close()
         except BaseException:
             writer.abort()

@@ -343,3 +343,21 @@ def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tm
             break
     assert path.read_bytes()[0] == 0x80
     assert mlp.resolve(str(path), precision="fp32", storage_options={}).feature_names == ("x0", "x1")
+
+
+def test_a_chunk_of_failed_rows_does_not_change_a_regressions_columns(tmp_path: Path, monkeypatch) -> None:
+    """A regression that does not declare its width shows it in its values; a chunk whose rows all failed has
+    none, and must not make the shard's file start with the other column (`predictions`)."""
+    import batchinfer.runner as runner
+
+    monkeypatch.setattr(runner, "CHUNK_ROWS_FEATURES", 100)
+    table = pa.table({"id": np.arange(300), "x0": np.arange(300, dtype=np.float32), "x1": np.ones(300, np.float32)})
+    x1 = table.column("x1").to_numpy().copy()
+    x1[:100] = np.nan  # the first chunk, whole
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.set_column(2, "x1", pa.array(x1)), tmp_path / "in" / "part-0.parquet", row_group_size=100)
+    _, report = run_core(**job(tmp_path / "in", tmp_path / "out", "tests.kind_models:regression", max_error_ratio=0.5))
+    assert report.ok, report.failures
+    got = merged(tmp_path / "out")
+    assert got.schema == {"id": pl.Int64, "prediction": pl.Float64} and got.height == 200
+    assert np.allclose(got["prediction"].to_numpy(), 4.0)

@@ -58,6 +58,8 @@ class ModelSpec:
     accepts: Callable[[int], None] | None = field(compare=False, repr=False, default=None)
     # Inputs the model names itself: without --features, the columns of those names feed them.
     named_inputs: tuple[str, ...] | None = None
+    # Outputs per row found by `accepts` (by feature count), for models that do not declare it.
+    widths: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
     text_pairs: bool = False  # takes (a, b) pairs of texts: cross-encoders, NLI classifiers
 
     @property

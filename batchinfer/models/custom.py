@@ -8,6 +8,9 @@ Example::
                                        # "multilabel" (probabilities in [0, 1]), "regression",
                                        # "embedding" (vectors), or "raw" (anything finite)
         labels = ["cat", "dog", "owl"] # optional class names (classifier, multilabel)
+        width = 3                      # optional: outputs per row (a regression of one output gets the
+                                       # column `prediction`, of several `predictions`; else the first
+                                       # scored rows tell)
         normalizes = False             # optional: embeddings are unit vectors (checked when True)
         feature_names = ["f0", "f1"]   # optional; else --features
         text_pairs = False             # optional: text models that take (a, b) pairs (--text-column a,b)
@@ -88,6 +91,7 @@ def resolve(
         source="factory's output_kind",
         labels=tuple(str(x) for x in labels) if labels else None,
         normalized=bool(getattr(model, "normalizes", False)),
+        width=int(model.width) if getattr(model, "width", None) else None,
     )
     if not callable(getattr(model, "load", None)):
         raise ModelError(f"--model {target!r}: the object has no load(device) method")

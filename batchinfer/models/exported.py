@@ -113,6 +113,7 @@ def resolve(
         loader=load,
         describe={"file": uri, "precision": precision},
         accepts=accepts,
+        widths=widths,
     )
 
 

@@ -134,6 +134,7 @@ def resolve(
         loader=load,
         describe={"file": uri, "inputs": list(names), "output": output_name},
         accepts=accepts,
+        widths=widths,
         named_inputs=names,
     )
 
