@@ -47,6 +47,8 @@ from batchinfer.storage import Storage
 log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
+# Models that are files (or, with hf:, directories): on a cluster every worker must reach them too.
+MODEL_FILE_SUFFIXES = (".pt", ".pt2", ".ts", ".torchscript", ".onnx")
 
 
 @dataclass
@@ -144,10 +146,13 @@ def check_shared_storage(config: RunConfig) -> None:
     if not config.compute.remote:
         return
     where = f"--engine {config.compute.engine} runs shards on the cluster at {config.compute.engine_address}"
+    model = config.model.model
+    model_file = model.removeprefix("hf:") if model.startswith("hf:") or model.endswith(MODEL_FILE_SUFFIXES) else None
     for flag, uri in (
         ("--input", config.input.uri),
         ("--output", config.output.uri),
         ("--checkpoint", config.model.checkpoint),
+        ("--model", model_file),
     ):
         if uri and "://" not in uri:
             raise ConfigError(

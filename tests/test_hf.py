@@ -249,3 +249,16 @@ def test_text_pairs_for_an_encoder_are_refused(texts: Path, tmp_path: Path, caps
         f"--model hf:{folder} reads one text column; --text-column names two (text, text2), which only text-pair "
         "models (cross-encoders, NLI classifiers) take"
     )
+
+
+def test_a_local_model_directory_with_a_cluster_engine_is_refused(texts: Path, tmp_path: Path, capsys) -> None:
+    """Workers on other machines could not read it; refused before any work, like a local input."""
+    folder = tmp_path / "cls"
+    args = ["run", "--input", f"file://{texts}", "--output", f"file://{tmp_path}/out", "--model", f"hf:{folder}"]
+    args += ["--text-column", "text"]
+    line = refused(capsys, *args, "--engine", "dask", "--engine-address", "tcp://127.0.0.1:9")
+    assert line == (
+        f"--model {folder} is a local path, but --engine dask runs shards on the cluster at tcp://127.0.0.1:9: "
+        f"use storage every worker sees (s3://...), or file://{folder} if every worker mounts it at that path"
+    )
+    assert not (tmp_path / "out").exists()
