@@ -38,7 +38,8 @@ DISTRIBUTED_ENGINES = ("dask", "ray")
 
 # A 1,000,000-row MLP shard keeps the per-shard overhead (a Prefect task plus the commit) near 1-2% (BENCHMARKS.md).
 DEFAULT_SHARD_ROWS = 1_000_000
-DEFAULT_BATCH_SIZE = 1024
+# 0 = auto: on an accelerator the largest batch that fits, on the CPU the measured best (batchinfer.runner).
+DEFAULT_BATCH_SIZE = 0
 
 _SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session")
 _SECRET_KEYS = {"key", "aws_access_key_id", "access_key", "access_key_id", "client_secret"}
@@ -217,8 +218,8 @@ class ComputeConfig(BaseModel):
         default=DEFAULT_BATCH_SIZE,
         ge=0,
         title="Batch size",
-        description="Rows per forward pass; 0 = auto: the largest that fits on each GPU (halving on out-of-memory, "
-        "remembered per device), the measured best on the CPU.",
+        description="Rows per forward pass; 0 = auto (the default): the largest that fits on each GPU (halving on "
+        "out-of-memory, remembered per device), the measured best on the CPU (1,024 feature rows, 64 texts).",
     )
     shard_rows: int = Field(
         default=DEFAULT_SHARD_ROWS,

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import torch
 
-from batchinfer.errors import DeviceError, Stopped
+from batchinfer.errors import DeviceError, NoHealthyDevice, Stopped
 from batchinfer.models.base import ModelSpec, Predictor
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,39 @@ def _mps_available() -> bool:
     return bool(backend and backend.is_available())
 
 
+# Where the NVIDIA driver lists the GPUs it drives (one folder per GPU), whatever torch can see.
+NVIDIA_GPUS_DIR = "/proc/driver/nvidia/gpus"
+_warned_unusable = False
+
+
+def visible_nvidia_gpus() -> list[str]:
+    """The GPUs the NVIDIA driver lists on this host (their PCI addresses), unless CUDA_VISIBLE_DEVICES hides them all."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return []
+    try:
+        return sorted(os.listdir(NVIDIA_GPUS_DIR))
+    except OSError:
+        return []
+
+
+def _warn_if_gpus_unusable() -> None:
+    """devices=auto on the CPU while the driver lists GPUs: say so once per process, with the likely reason."""
+    global _warned_unusable
+    gpus = visible_nvidia_gpus()
+    if _warned_unusable or not gpus:
+        return
+    _warned_unusable = True
+    build = torch.version.cuda
+    why = "a CPU-only build" if not build else f"built for CUDA {build}, but torch.cuda.is_available() is False"
+    log.warning(
+        "--devices auto: the NVIDIA driver lists %d GPU(s) but torch %s cannot use them (%s); running on the CPU",
+        len(gpus),
+        torch.__version__,
+        why,
+    )
+
+
 def discover(spec: str = "auto") -> list[Device]:
     """Resolve --devices: 'auto', a count, 'cpu', 'fake:N' or a list like 'cuda:0,cuda:2'."""
     spec = (spec or "auto").strip().lower()
@@ -73,6 +106,7 @@ def discover(spec: str = "auto") -> list[Device]:
             return [Device(n, n) for n in cuda]
         if _mps_available():
             return [Device("mps", "mps")]
+        _warn_if_gpus_unusable()
         return [Device("cpu", "cpu")]
     if spec == "cpu":
         return [Device("cpu", "cpu")]
@@ -212,7 +246,13 @@ def _try_lock(fd: int) -> bool:
 
 @contextmanager
 def hold_device(
-    devices: list[Device], shard_id: str, *, run: str = "", prefer: Sequence[str] = (), on_wait: Callable[[str], None]
+    devices: list[Device],
+    shard_id: str,
+    *,
+    run: str = "",
+    prefer: Sequence[str] = (),
+    broken: Callable[[], Mapping[str, str]] | None = None,
+    on_wait: Callable[[str], None],
 ) -> Iterator[Lease]:
     """Own one of `devices` for a shard, through an exclusive `flock` on the device's lock file on this host.
 
@@ -220,8 +260,37 @@ def hold_device(
     When every device is held, by this run or by another process, the shard waits on one of them and
     `on_wait` is told which device and who holds it. flock, not lockf: it also excludes other threads
     of this process, and the kernel drops it the moment the holder dies, so a killed run leaks nothing.
+    Devices that `broken()` names (name -> why) have left this process's pool and are never taken, also
+    when one leaves while the shard waits for it; when that is every device, `NoHealthyDevice` says why.
     """
-    ordered = sorted(devices, key=lambda d: d.name not in prefer)
+    while True:
+        fd, lease = _take(devices, shard_id, prefer, dict(broken() if broken else {}), on_wait)
+        if not (broken and lease.device.name in broken()):
+            break
+        os.close(fd)  # the device left the pool while this shard waited for it: choose again
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "shard": shard_id, "run": run, "since": time.time()}
+        with contextlib.suppress(OSError):  # a read-only lock file still locks; it just names no holder
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield lease
+    finally:
+        os.close(fd)  # closing the only descriptor drops its flock
+
+
+def _take(
+    devices: list[Device],
+    shard_id: str,
+    prefer: Sequence[str],
+    broken: Mapping[str, str],
+    on_wait: Callable[[str], None],
+) -> tuple[int, Lease]:
+    """Lock one healthy device (waiting when all are held): its lock's descriptor and the lease."""
+    healthy = [d for d in devices if d.name not in broken]
+    if not healthy:
+        reasons = "; ".join(f"{d.name}: {broken[d.name]}" for d in devices)
+        raise NoHealthyDevice(f"shard {shard_id}: every device left the pool in this process ({reasons})")
+    ordered = sorted(healthy, key=lambda d: d.name not in prefer)
     fds = {d.name: _open_lock(d) for d in ordered}
     lease: Lease | None = None
     try:
@@ -236,18 +305,10 @@ def hold_device(
             started = time.perf_counter()
             _wait_for_lock(fds.pop(device.name), shard_id, fds, device.name)
             lease = Lease(device, round(time.perf_counter() - started, 3), holder)
-        fd = fds.pop(lease.device.name)
+        return fds.pop(lease.device.name), lease
+    finally:
         for other in fds.values():
             os.close(other)
-        fds = {lease.device.name: fd}
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "shard": shard_id, "run": run, "since": time.time()}
-        with contextlib.suppress(OSError):  # a read-only lock file still locks; it just names no holder
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
-        yield lease
-    finally:
-        for fd in fds.values():
-            os.close(fd)  # closing the only descriptor drops its flock
 
 
 _stopping = threading.Event()
@@ -269,7 +330,9 @@ def stopping() -> bool:
 
 
 def resume() -> None:
+    """A new run starts in this process: scoring may go on, and every device is in the pool again."""
     _stopping.clear()
+    WORKERS.forget_broken()
 
 
 def _wait_for_lock(fd: int, shard_id: str, fds: dict[str, int], name: str) -> None:
@@ -313,6 +376,13 @@ def _spread(shard_id: str, count: int) -> int:
     return int(hashlib.sha256(shard_id.encode()).hexdigest()[:8], 16) % count
 
 
+def use_device(device: Device) -> None:
+    """Make `device` this thread's current CUDA device, so that work a model starts without naming a device
+    (`.cuda()`, `torch.empty(..., device="cuda")`) lands on the device the shard holds, not on cuda:0."""
+    if device.torch_name.startswith("cuda"):
+        torch.cuda.set_device(device.torch)
+
+
 class DeviceWorkers:
     """Per process: each device's own long-lived thread, and the model loaded on each device.
 
@@ -326,7 +396,32 @@ class DeviceWorkers:
         self._models: dict[str, tuple[str, Predictor]] = {}
         self._model_locks: dict[str, threading.Lock] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._broken: dict[str, tuple[str, set[str]]] = {}  # device name -> (why, the shards that failed there)
         self.loads: list[tuple[str, str]] = []
+
+    def broken(self) -> dict[str, str]:
+        """Devices that left this process's pool, and why."""
+        with self._lock:
+            return {name: why for name, (why, _) in self._broken.items()}
+
+    def mark_broken(self, device: Device, why: str, shard_id: str) -> None:
+        """`device` takes no more shards in this process (its CUDA context, or its model, is unusable)."""
+        with self._lock:
+            first = device.name not in self._broken
+            self._broken.setdefault(device.name, (why, set()))[1].add(shard_id)
+            self._models.pop(device.name, None)
+        if first:
+            log.warning("%s left the pool of pid %d: %s", device.name, os.getpid(), why)
+
+    def broke_under(self, shard_id: str) -> dict[str, str]:
+        """The devices that left the pool while scoring `shard_id`, and why (for that shard's record)."""
+        with self._lock:
+            return {name: why for name, (why, shards) in self._broken.items() if shard_id in shards}
+
+    def forget_broken(self) -> None:
+        """A new run: devices that left the pool in an earlier run of this process get another chance."""
+        with self._lock:
+            self._broken.clear()
 
     def loaded(self, spec: ModelSpec) -> list[str]:
         """Devices on which this process holds `spec` already."""
@@ -344,7 +439,12 @@ class DeviceWorkers:
         with self._lock:
             executor = self._threads.get(device.name)
             if executor is None:
-                executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batchinfer-{device.name}")
+                executor = ThreadPoolExecutor(
+                    max_workers=1,
+                    thread_name_prefix=f"batchinfer-{device.name}",
+                    initializer=use_device,
+                    initargs=(device,),
+                )
                 self._threads[device.name] = executor
                 self._model_locks[device.name] = threading.Lock()
         threads = torch.get_num_threads()  # what configure_threads set for the caller

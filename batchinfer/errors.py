@@ -53,6 +53,18 @@ class DeviceError(BatchInferError):
     """A requested device does not exist or cannot be used."""
 
 
+class NoHealthyDevice(DeviceError):
+    """Every device this process may use has left its pool (fatal device errors, failed loads)."""
+
+
+class DeviceLostError(BatchInferError):
+    """A shard failed because its device broke; retrying helps while another device of the pool is healthy."""
+
+    def __init__(self, message: str, *, transient: bool, shard_id: str | None = None):
+        super().__init__(message, shard_id=shard_id)
+        self.transient = transient
+
+
 class OutputConflictError(BatchInferError):
     """The output location holds a run with another configuration, or overlaps the input."""
 

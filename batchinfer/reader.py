@@ -92,14 +92,17 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             close()
 
 
-def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def feature_matrix(
+    batch: pa.RecordBatch, features: list[str], *, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A float32 [rows, features] matrix, a mask of rows that can be scored, and why the others cannot.
 
     One fixed-size-list column of float32 converts without a copy (C order).
     Separate columns are copied into a column-major (Fortran-ordered) matrix:
     each column lands in one contiguous run, several times faster than
     scattering it across rows, and `torch.nn.Linear` reads either layout
-    without a further copy.
+    without a further copy. `out`, a [rows, features] float32 array (say, a
+    view of pinned memory), receives the separate columns instead of a new matrix.
     """
     rows = batch.num_rows
     if len(features) == 1 and pa.types.is_fixed_size_list(batch.schema.field(features[0]).type):
@@ -116,7 +119,9 @@ def feature_matrix(batch: pa.RecordBatch, features: list[str]) -> tuple[np.ndarr
             matrix = matrix.reshape(rows, width)
         nulls = {features[0]: np.asarray(column.is_null().to_numpy(zero_copy_only=False))} if column.null_count else {}
     else:
-        matrix = np.empty((len(features), rows), dtype=np.float32).T
+        matrix = np.empty((len(features), rows), dtype=np.float32).T if out is None else out
+        if matrix.shape != (rows, len(features)) or matrix.dtype != np.float32:
+            raise ValueError(f"out must be float32 [{rows}, {len(features)}], not {matrix.dtype} {matrix.shape}")
         nulls = {}
         for j, name in enumerate(features):
             column = batch.column(name)

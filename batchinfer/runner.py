@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 import torch
 
 from batchinfer import devices, outputs, progress
+from batchinfer.compat import is_fatal_device_error, is_out_of_memory
 from batchinfer.config import OUTPUT_COMPRESSION, text_columns
 from batchinfer.devices import WORKERS, Device, DeviceWorkers, hold_device, stopping
-from batchinfer.errors import BatchInferError, ModelError, ShardFailedError, Stopped
+from batchinfer.errors import BatchInferError, DeviceLostError, ModelError, ShardFailedError, Stopped
 from batchinfer.layout import Layout
 from batchinfer.models.base import ModelSpec, Predictor
 from batchinfer.planning import Shard
@@ -92,6 +93,8 @@ class ShardStats:
     model_loaded: bool = False
     waited_seconds: float = 0.0
     waited_for: str = ""
+    batch_size: int = 0  # rows per forward pass at the end of the shard (after any halving on out-of-memory)
+    note: str = ""  # what else happened: the devices this shard moved off because they left the pool, and why
     state: str = "done"  # done | skipped | failed
     error: str = ""
     started_at: str = ""
@@ -138,7 +141,8 @@ def score_shard(
 ) -> ShardStats:
     """Own a device on this host, score the shard on it, commit it. Raises on failure (nothing committed)."""
     storage = storage or Storage(settings.output_uri, settings.storage_options)
-    with hold_device(devices, shard.shard_id, run=run, prefer=workers.loaded(spec), on_wait=log.info) as lease:
+    prefer = workers.loaded(spec)
+    with hold_device(devices, shard.shard_id, run=run, prefer=prefer, broken=workers.broken, on_wait=log.info) as lease:
         device = lease.device
         stats = ShardStats(
             shard.shard_id,
@@ -149,14 +153,25 @@ def score_shard(
             waited_seconds=lease.waited_seconds,
             waited_for=lease.waited_for,
             started_at=_now(),
+            note=_moved_note(workers.broke_under(shard.shard_id)),
         )
         start = time.perf_counter()
 
         def work() -> None:  # on the device's own thread: loading and scoring
-            predictor, stats.model_loaded = workers.model(device, spec)
+            try:
+                predictor, stats.model_loaded = workers.model(device, spec)
+            except BatchInferError as exc:
+                raise _LoadFailed(f"its model failed to load ({exc})") from exc
             _score_and_commit(shard, settings, spec, predictor, device, storage, stats)
 
-        workers.run(device, work)
+        try:
+            workers.run(device, work)
+        except Exception as exc:
+            why = _why_broken(exc)
+            if why is None:
+                raise
+            workers.mark_broken(device, why, shard.shard_id)
+            _raise_device_lost(shard, device, devices, why, workers, exc)
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
         _write_marker(shard, settings, spec, stats, storage)
@@ -170,6 +185,38 @@ def score_shard(
         stats.rows_error,
     )
     return stats
+
+
+class _LoadFailed(BatchInferError):
+    """The model could not be loaded on the device the shard holds."""
+
+
+def _why_broken(exc: BaseException) -> str | None:
+    """Why the device must leave the pool after `exc`, or None when the device is fine (a bad row, a bug)."""
+    if isinstance(exc, _LoadFailed):
+        return str(exc)
+    if is_fatal_device_error(exc):
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return f"a fatal device error ({type(exc).__name__}: {first[:200]})"
+    return None
+
+
+def _raise_device_lost(
+    shard: Shard, device: Device, pool: list[Device], why: str, workers: DeviceWorkers, exc: BaseException
+) -> None:
+    """The shard failed with its device: retried (transient) while a healthy device is left, else final."""
+    broken = workers.broken()
+    healthy = [d.name for d in pool if d.name not in broken]
+    then = f"the shard goes to {', '.join(healthy)}" if healthy else "no healthy device is left"
+    raise DeviceLostError(
+        f"shard {shard.shard_id}: {device.name} left the pool: {why}; {then}",
+        transient=bool(healthy),
+        shard_id=shard.shard_id,
+    ) from exc
+
+
+def _moved_note(moved: dict[str, str]) -> str:
+    return "; ".join(f"moved off {name}, which left the pool: {why}" for name, why in moved.items())
 
 
 def _score_and_commit(
@@ -189,36 +236,51 @@ def _score_and_commit(
     chunk_rows = CHUNK_ROWS_TEXT if text else CHUNK_ROWS_FEATURES
     error_keys: list[Any] = []
     error_reasons: list[str] = []
-    # Three stages overlap: the prefetch thread reads, decodes (and tokenizes) the next chunk, this thread
-    # runs the model, the writer thread encodes the previous chunk's output.
+    batch = BatchSize(settings, spec, device)
+    # Four stages overlap: the prefetch thread reads, decodes (and tokenizes, or on CUDA builds the pinned
+    # feature matrix of) the next chunk; this thread queues a chunk's work on the device, then finishes the
+    # chunk before it while the device runs; the writer thread encodes the finished chunk's output.
     batches = iter_shard(in_storage, shard, columns, chunk_rows, decode_threads=device.is_accelerator)
-    chunks = _with_tokens(batches, settings, predictor, text)
+    chunks = _prepared(batches, settings, predictor, text, device)
+
+    # A chunk whose rows all failed is written only if no chunk has rows: its schema may not be the
+    # others' (a regression that does not declare its width shows it in its values).
+    empty: list[pa.Table] = []
+    wrote = False
+
+    def finish(chunk: _Launched) -> None:
+        nonlocal wrote
+        table, bad_keys, bad_reasons = chunk.table(settings, spec, shard)
+        if table.num_rows:
+            writer.write(table)
+            wrote = True
+        elif not empty:
+            empty.append(table)
+        error_keys.extend(bad_keys)
+        error_reasons.extend(bad_reasons)
+        stats.rows_in += chunk.batch.num_rows
+        stats.rows_out += table.num_rows
+        progress.emit(progress.Event("rows", shard.shard_id, rows=chunk.batch.num_rows))
+
     with storage.atomic_local_file(layout.shard(shard.shard_id), suffix=".parquet") as tmp:
         writer = BackgroundWriter(tmp)
-        # A chunk whose rows all failed is written only if no chunk has rows: its schema may not be
-        # the others' (a regression that does not declare its width shows it in its values).
-        empty: pa.Table | None = None
-        wrote = False
         try:
-            for batch, tokens in prefetch(chunks):
+            previous: _Launched | None = None
+            for chunk in prefetch(chunks):
                 _stop_if_asked(shard.shard_id)
-                table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
-                if table.num_rows:
-                    writer.write(table)
-                    wrote = True
-                elif empty is None:
-                    empty = table
-                error_keys.extend(bad_keys)
-                error_reasons.extend(bad_reasons)
-                stats.rows_in += batch.num_rows
-                stats.rows_out += table.num_rows
-                progress.emit(progress.Event("rows", shard.shard_id, rows=batch.num_rows))
-            if not wrote and empty is not None:
-                writer.write(empty)
+                launched = _launch_chunk(chunk, settings, spec, predictor, device, batch)
+                if previous is not None:
+                    finish(previous)
+                previous = launched
+            if previous is not None:
+                finish(previous)
+            if not wrote and empty:
+                writer.write(empty[0])
             writer.close()
         except BaseException:
             writer.abort()
             raise
+        stats.batch_size = batch.size
         if not writer.opened:  # a shard always has rows, but keep the file valid regardless
             raise ShardFailedError(f"shard {shard.shard_id} of {shard.partition_uri} read no rows")
         stats.rows_error = len(error_keys)
@@ -254,6 +316,59 @@ def _write_errors(
     table = pa.table({settings.key_column: keys, "reason": pa.array(reasons, pa.string())})
     with storage.atomic_local_file(layout.errors(shard.shard_id), suffix=".parquet") as tmp:
         pq.write_table(table, tmp, compression=OUTPUT_COMPRESSION)
+
+
+@dataclass
+class _Chunk:
+    """A chunk as the prefetch thread hands it over: its rows, plus the token ids of its non-null texts, or
+    (on CUDA) its feature matrix already built in pinned memory."""
+
+    batch: pa.RecordBatch
+    tokens: list[list[int]] | None = None
+    features: _Features | None = None
+
+
+@dataclass
+class _Features:
+    """A chunk's feature matrix, the rows that can be scored, and why the others cannot. `host` is the
+    matrix as a tensor (pinned on CUDA, so that its copy to the device does not block)."""
+
+    matrix: np.ndarray
+    ok: np.ndarray
+    reasons: list[str]
+    host: torch.Tensor | None = None
+
+
+def _prepared(
+    batches: Iterator[pa.RecordBatch], settings: ShardSettings, predictor: Predictor, text: bool, device: Device
+) -> Iterator[_Chunk]:
+    """Chunks with what can be done ahead of the model done in the prefetch thread: tokens for text models,
+    and on CUDA the feature matrix, built straight into pinned memory.
+
+    On the CPU the matrix is built on the device's thread: built ahead, the freed matrices of the prefetch
+    thread grew the resident memory by a quarter and nothing ran faster (BENCHMARKS.md).
+    """
+    pinned = device.torch_name.startswith("cuda")
+    for batch, tokens in _with_tokens(batches, settings, predictor, text):
+        features = _pinned_features(batch, list(settings.features)) if pinned and not text else None
+        yield _Chunk(batch, tokens, features)
+
+
+def _pinned_features(batch: pa.RecordBatch, names: list[str]) -> _Features:
+    """The feature matrix in pinned memory, written there directly when it comes from separate columns.
+
+    Each chunk gets its block from torch's pinned-memory cache, which hands the block out again only
+    once the copies queued from it have run, so a reused block is never overwritten while a copy reads it.
+    """
+    rows = batch.num_rows
+    if len(names) == 1 and pa.types.is_fixed_size_list(batch.schema.field(names[0]).type):
+        matrix, ok, reasons = feature_matrix(batch, names)
+        host = torch.from_numpy(np.ascontiguousarray(matrix)).pin_memory()
+        return _Features(host.numpy(), ok, reasons, host)
+    # Column-major, as feature_matrix builds it: [features, rows] in memory, seen as [rows, features].
+    host = torch.empty((len(names), rows), dtype=torch.float32, pin_memory=True).T
+    matrix, ok, reasons = feature_matrix(batch, names, out=host.numpy())
+    return _Features(matrix, ok, reasons, host)
 
 
 def _with_tokens(
@@ -300,43 +415,94 @@ def batch_size_for(settings: ShardSettings, spec: ModelSpec, device: Device) -> 
         return _auto_batch.get((device.name, spec.fingerprint), start)
 
 
-def _out_of_memory(exc: BaseException, size: int, settings: ShardSettings, spec: ModelSpec, device: Device) -> int:
-    """Halve the batch after out-of-memory and go on; an automatic size is remembered for the device.
+class BatchSize:
+    """A shard's rows per forward pass on its device: halved after out-of-memory, and kept for the rest of
+    the shard. An automatic size is also remembered for the device, for the shards after this one."""
 
-    A configured size is halved for the rest of this chunk only. Out of memory at one row is final.
-    """
-    if size <= 1:
-        raise exc
-    smaller = size // 2
-    if not settings.batch_size:
-        with _auto_lock:
-            key = (device.name, spec.fingerprint)
-            _auto_batch[key] = min(_auto_batch.get(key, smaller), smaller)
-    if device.torch_name.startswith("cuda"):
-        torch.cuda.empty_cache()
-    log.warning("out of memory at batch size %d on %s; trying %d", size, device.name, smaller)
-    return smaller
+    def __init__(self, settings: ShardSettings, spec: ModelSpec, device: Device) -> None:
+        self.settings, self.spec, self.device = settings, spec, device
+        self.size = batch_size_for(settings, spec, device)
+
+    def halve(self, failed: int) -> None:
+        """`failed` rows ran out of memory (the exception is gone by now: it held that batch's tensors)."""
+        smaller = max(1, min(self.size, failed // 2))
+        if not self.settings.batch_size:
+            with _auto_lock:
+                key = (self.device.name, self.spec.fingerprint)
+                _auto_batch[key] = min(_auto_batch.get(key, smaller), smaller)
+        # No empty_cache(): the allocator freed its cached blocks and retried before it raised, and
+        # empty_cache() would empty the cache of every GPU of the process, not just this one.
+        log.warning("out of memory at batch size %d on %s; trying %d", failed, self.device.name, smaller)
+        self.size = smaller
 
 
-def _score_chunk(
+def _out_of_memory_at(exc: Exception, size: int) -> bool:
+    """Whether a batch of `size` rows failed for lack of device memory, and halving may still help."""
+    return size > 1 and is_out_of_memory(exc)
+
+
+@dataclass
+class _Pending:
+    """A chunk's model outputs, on the host (pinned on CUDA) once `done` has passed: the copies back from
+    the device may still be running when the next chunk's work is queued."""
+
+    result: torch.Tensor | None
+    done: Any = None  # a torch.cuda.Event recorded after the chunk's last copy
+
+    def wait(self) -> np.ndarray:
+        if self.done is not None:
+            self.done.synchronize()  # this chunk's work only; the device goes on with the next chunk's
+        if self.result is None:
+            return np.zeros((0, 0), dtype=np.float32)
+        return self.result.numpy()
+
+
+@dataclass
+class _Launched:
+    """A chunk whose work is queued on the device: `table` waits for its outputs and builds its rows."""
+
+    batch: pa.RecordBatch
+    ok: np.ndarray
+    reasons: list[str]
+    pending: _Pending
+
+    def table(self, settings: ShardSettings, spec: ModelSpec, shard: Shard) -> tuple[pa.Table, list[Any], list[str]]:
+        values = self.pending.wait()
+        return _output_table(self.batch, self.ok, self.reasons, values, settings, spec, shard)
+
+
+def _launch_chunk(
+    chunk: _Chunk, settings: ShardSettings, spec: ModelSpec, predictor: Predictor, device: Device, batch: BatchSize
+) -> _Launched:
+    """Check one chunk's rows and queue its forward passes; on the CPU they have run when this returns."""
+    rows = chunk.batch
+    if spec.input_kind == "text":
+        ok, reasons = _text_rows(rows, settings)
+        good_texts = _texts(rows, settings, ok) if chunk.tokens is None else []
+        pending = _launch_texts(good_texts, settings, spec, predictor, device, chunk.tokens, batch)
+        return _Launched(rows, ok, reasons, pending)
+    features = chunk.features
+    if features is None:
+        features = _Features(*feature_matrix(rows, list(settings.features)))
+    ok = features.ok
+    if ok.all():
+        pending = _launch_matrix(features.matrix, settings, spec, predictor, device, batch, host=features.host)
+    else:
+        pending = _launch_matrix(features.matrix[ok], settings, spec, predictor, device, batch)
+    return _Launched(rows, ok, features.reasons, pending)
+
+
+def _output_table(
     batch: pa.RecordBatch,
+    ok: np.ndarray,
+    reasons: list[str],
+    values: np.ndarray,
     settings: ShardSettings,
     spec: ModelSpec,
-    predictor: Predictor,
-    device: Device,
     shard: Shard,
-    tokens: list[list[int]] | None = None,
 ) -> tuple[pa.Table, list[Any], list[str]]:
-    """Score one chunk; return the output table of good rows and the keys/reasons of bad rows."""
+    """The output table of a chunk's good rows, and the keys/reasons of its bad rows."""
     keys = batch.column(settings.key_column)
-    if spec.input_kind == "text":
-        ok, reasons = _text_rows(batch, settings)
-        good_texts = _texts(batch, settings, ok) if tokens is None else []
-        values = _predict_texts(good_texts, settings, spec, predictor, device, tokens)
-    else:
-        matrix, ok, reasons = feature_matrix(batch, list(settings.features))
-        good = matrix if ok.all() else matrix[ok]
-        values = _predict_matrix(good, settings, spec, predictor, device)
     _check_outputs(values, spec, shard, keys.filter(pa.array(ok)))
     good_keys = keys if ok.all() else keys.filter(pa.array(ok))
     columns: dict[str, pa.Array] = {settings.key_column: good_keys}
@@ -349,49 +515,103 @@ def _score_chunk(
     return pa.table(columns), bad_keys, reasons
 
 
+def _score_chunk(
+    batch: pa.RecordBatch,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    shard: Shard,
+    tokens: list[list[int]] | None = None,
+) -> tuple[pa.Table, list[Any], list[str]]:
+    """Score one chunk at once; return the output table of good rows and the keys/reasons of bad rows."""
+    launched = _launch_chunk(
+        _Chunk(batch, tokens), settings, spec, predictor, device, BatchSize(settings, spec, device)
+    )
+    return launched.table(settings, spec, shard)
+
+
 def _predict_matrix(
-    matrix: np.ndarray, settings: ShardSettings, spec: ModelSpec, predictor: Predictor, device: Device
+    matrix: np.ndarray,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    batch: BatchSize | None = None,
 ) -> np.ndarray:
+    """`_launch_matrix`, waited for."""
+    return _launch_matrix(matrix, settings, spec, predictor, device, batch or BatchSize(settings, spec, device)).wait()
+
+
+def _launch_matrix(
+    matrix: np.ndarray,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    batch: BatchSize,
+    *,
+    host: torch.Tensor | None = None,
+) -> _Pending:
     """Mini-batches of `matrix` through the model, into one preallocated output.
 
-    On the CPU the batches are views of the matrix (column-major when the
-    features came as separate columns); a predictor that needs contiguous
-    input gets a copy of each batch only. On CUDA the chunk is pinned once and
-    each batch copied without blocking.
+    On the CPU the batches are views of the matrix (column-major when the features came as separate
+    columns); a predictor that needs contiguous input gets a copy of each batch only. On CUDA the chunk
+    goes to the device in one copy from pinned memory (`host`, else pinned here), the batches are views
+    of it there, and the outputs come back into pinned memory without blocking: `_Pending.wait` waits.
     """
     rows = matrix.shape[0]
     if rows == 0:
-        return np.zeros((0, 0), dtype=np.float32)
+        return _Pending(None)
     cuda = device.torch_name.startswith("cuda")
-    with warnings.catch_warnings():  # a read-only zero-copy view is fine: nothing writes into the inputs
-        warnings.simplefilter("ignore", UserWarning)
-        host = torch.from_numpy(np.ascontiguousarray(matrix) if cuda else matrix)
-    if cuda:
-        host = host.pin_memory()
+    if host is None:
+        with warnings.catch_warnings():  # a read-only zero-copy view is fine: nothing writes into the inputs
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(matrix) if cuda else matrix)
+        if cuda:
+            host = host.pin_memory()
     strided_ok = bool(getattr(predictor, "accepts_strided", False))
-    size = batch_size_for(settings, spec, device)
+    inputs = _to_device(host, device) if device.is_accelerator else host  # one copy per chunk
     result: torch.Tensor | None = None
     start = 0
     with torch.inference_mode():
         while start < rows:
             _stop_if_asked("")
-            x = host[start : start + size]
-            if not (cuda or strided_ok or x.is_contiguous()):
+            size = batch.size
+            x = inputs[start : start + size]
+            if not (strided_ok or x.is_contiguous()):
                 x = x.contiguous()
             try:
-                out = _as_output(predictor.predict(x.to(device.torch, non_blocking=cuda)), x.shape[0])
-            except torch.OutOfMemoryError as exc:
-                size = _out_of_memory(exc, size, settings, spec, device)
+                out = _as_output(predictor.predict(x), x.shape[0], device)
+            except Exception as exc:
+                if not _out_of_memory_at(exc, x.shape[0]):
+                    raise
+                out = None  # halved below, once the exception and the tensors its frames hold are gone
+            if out is None:
+                batch.halve(x.shape[0])
                 continue
             if result is None:
                 result = torch.empty((rows, out.shape[1]), dtype=torch.float32, pin_memory=cuda)
-            # Without blocking only on CUDA, into pinned memory and synchronised below (MPS copies do not wait).
+            # Without blocking only on CUDA, into pinned memory, waited for by the event below (MPS copies do not wait).
             result[start : start + x.shape[0]].copy_(out, non_blocking=cuda)
             start += x.shape[0]
-    if cuda:
-        torch.cuda.synchronize(device.torch)
-    assert result is not None
-    return result.numpy()
+    return _Pending(result, _recorded(device) if cuda else None)
+
+
+def _to_device(host: torch.Tensor, device: Device) -> torch.Tensor:
+    """`host` on the device in one plain copy: a column-major matrix goes as its [features, rows] block and is
+    seen as [rows, features] again there (without blocking on CUDA, where `host` is pinned)."""
+    cuda = device.torch_name.startswith("cuda")
+    if not host.is_contiguous() and host.T.is_contiguous():
+        return host.T.to(device.torch, non_blocking=cuda).T
+    return host.to(device.torch, non_blocking=cuda)
+
+
+def _recorded(device: Device) -> Any:
+    """A CUDA event recorded now on the device's current stream: it passes once the work queued so far has run."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device.torch))
+    return event
 
 
 def _predict_texts(
@@ -401,7 +621,22 @@ def _predict_texts(
     predictor: Predictor,
     device: Device,
     ids: list[list[int]] | None = None,
+    batch: BatchSize | None = None,
 ) -> np.ndarray:
+    """`_launch_texts`, waited for."""
+    batch = batch or BatchSize(settings, spec, device)
+    return _launch_texts(texts, settings, spec, predictor, device, ids, batch).wait()
+
+
+def _launch_texts(
+    texts: list[str],
+    settings: ShardSettings,
+    spec: ModelSpec,
+    predictor: Predictor,
+    device: Device,
+    ids: list[list[int]] | None,
+    batch: BatchSize,
+) -> _Pending:
     """Score texts in length-sorted batches (less padding) and restore the original order.
 
     `ids` are the texts' token ids when the prefetch thread already tokenized them. A model without a
@@ -413,7 +648,7 @@ def _predict_texts(
         ids = tokenize(texts)
     count = len(ids) if ids is not None else len(texts)
     if count == 0:
-        return np.zeros((0, 0), dtype=np.float32)
+        return _Pending(None)
     sizes = ids if ids is not None else texts
     order = np.argsort(np.fromiter((_text_length(t) for t in sizes), dtype=np.int64, count=count), kind="stable")
 
@@ -422,7 +657,7 @@ def _predict_texts(
             return encode_ids([ids[i] for i in index])  # type: ignore[misc]
         return predictor.predict([texts[i] for i in index])
 
-    size = batch_size_for(settings, spec, device)
+    cuda = device.torch_name.startswith("cuda")
     # The rows are put back in input order where the model left them (on the GPU, say), and the whole
     # chunk comes back to the host once: no wait for the device after every batch.
     result: torch.Tensor | None = None
@@ -430,18 +665,26 @@ def _predict_texts(
     with torch.inference_mode():
         while start < count:
             _stop_if_asked("")
-            index = order[start : start + size]
+            index = order[start : start + batch.size]
             try:
-                out = _as_output(run(index), len(index))
-            except torch.OutOfMemoryError as exc:
-                size = _out_of_memory(exc, size, settings, spec, device)
+                out = _as_output(run(index), len(index), device)
+            except Exception as exc:
+                if not _out_of_memory_at(exc, len(index)):
+                    raise
+                out = None  # halved below, once the exception and the tensors its frames hold are gone
+            if out is None:
+                batch.halve(len(index))
                 continue
             if result is None:
                 result = torch.empty((count, out.shape[1]), dtype=torch.float32, device=out.device)
-            result[torch.from_numpy(index).to(out.device, non_blocking=out.device.type == "cuda")] = out
+            result[torch.from_numpy(index).to(out.device, non_blocking=cuda)] = out
             start += len(index)
     assert result is not None
-    return result.cpu().numpy()
+    if not cuda:
+        return _Pending(result.cpu())
+    host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(result, non_blocking=True)
+    return _Pending(host, _recorded(device))
 
 
 def _text_length(item: Any) -> int:
@@ -449,13 +692,23 @@ def _text_length(item: Any) -> int:
     return len(item[0]) + len(item[1]) if isinstance(item, tuple) else len(item)
 
 
-def _as_output(value: Any, rows: int) -> torch.Tensor:
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _as_output(value: Any, rows: int, device: Device | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise ModelError(f"the model returned {type(value).__name__}, expected a torch.Tensor")
     if value.ndim != 2 or value.shape[0] != rows:
         raise ModelError(f"the model returned shape {tuple(value.shape)} for {rows} rows; expected [{rows}, width]")
     if not value.is_floating_point():
         raise ModelError(f"the model returned dtype {value.dtype}; expected floating point")
+    # Refused before anything reads it: a copy from another device is not waited for by this device's event.
+    if device is not None and not _same_device(value.device, device.torch):
+        raise ModelError(
+            f"the model returned its output on {value.device}, but the shard runs on {device.name}; "
+            f"load(device) must put the model on the device it is given"
+        )
     return value.float()
 
 

@@ -132,9 +132,11 @@ def publish(plan: Plan, results: dict[str, dict[str, Any]], report: RunReport) -
                     if result.get("waited_for")
                     else ""
                 ),
+                "batch": result.get("batch_size") or "",
                 "state": state,
                 "error rows": result.get("rows_error", 0),
                 "error": (result.get("error") or "")[:200],
+                "note": (result.get("note") or "")[:300],
             }
         )
     create_table_artifact(table=rows, key="batchinfer-shards", description="One row per shard")

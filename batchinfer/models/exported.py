@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from batchinfer.compat import move_program_to
 from batchinfer.errors import ModelError
 from batchinfer.models.base import ModelSpec, Precisioned, Wanted, choose_output, declared_output, digest
 from batchinfer.models.checkpoints import read_checkpoint_bytes
@@ -44,12 +45,9 @@ def _load_module(data: bytes, uri: str, device: torch.device) -> tuple[Any, dict
             handle.write(data)
         try:
             if suffix == ".pt2":
-                program = torch.export.load(path, extra_files=extra)
-                if device.type != "cpu":
-                    # Tensors the graph creates (torch.zeros(..., device="cpu") at export) move too, not only weights.
-                    from torch.export.passes import move_to_device_pass
-
-                    program = move_to_device_pass(program, device)
+                # Tensors the graph creates (torch.zeros(..., device=...) as recorded at export) move too, not
+                # only weights: a program exported on a GPU then runs on the CPU, and the other way round.
+                program = move_program_to(torch.export.load(path, extra_files=extra), device)
                 module = program.module().to(device)
             else:
                 module = torch.jit.load(path, map_location=device, _extra_files=extra).eval()
@@ -102,7 +100,10 @@ def resolve(
             )
 
     def load(device: torch.device) -> ExportedPredictor:
-        return ExportedPredictor(_load_module(data, uri, device)[0], precision, device, output.kind)
+        module = _load_module(data, uri, device)[0]
+        for n_features in list(widths):  # the widths the run declared: probed on the device the shard holds
+            _probe_width(module, uri, n_features, device)
+        return ExportedPredictor(module, precision, device, output.kind)
 
     return ModelSpec(
         name=os.path.basename(uri),
@@ -117,27 +118,34 @@ def resolve(
     )
 
 
-def _probe_width(module: Any, uri: str, n_features: int) -> int:
+def _probe_width(module: Any, uri: str, n_features: int, device: torch.device | None = None) -> int:
     """Run zero rows through the model to check it accepts the declared features.
 
-    Two batch sizes, so a program exported with a fixed batch size is caught here, not mid-run.
+    Two batch sizes, so a program exported with a fixed batch size is caught here, not mid-run. With a
+    `device` (at load, on the device a shard holds) the rows live there, and so must the output.
     """
     widths = set()
+    where = f" on {device}" if device is not None else ""
     for rows in (2, 3):
         try:
             with torch.inference_mode():
-                out = module(torch.zeros(rows, n_features))
+                out = module(torch.zeros(rows, n_features, device=device))
         except Exception as exc:  # noqa: BLE001
             raise ModelError(
-                f"{uri} does not accept a [rows, {n_features}] float32 input as --features declares ({_reason(exc)})",
+                f"{uri} does not accept a [rows, {n_features}] float32 input{where} as --features declares "
+                f"({_reason(exc)})",
                 uri=uri,
-            ) from None
+            ) from exc
         if isinstance(out, (tuple, list)):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != rows:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ModelError(f"{uri} returns {shape} for {rows} rows; expected [rows, width]", uri=uri)
+        if device is not None and (out.device.type, out.device.index or 0) != (device.type, device.index or 0):
+            raise ModelError(f"{uri} loaded on {device} returns its output on {out.device}", uri=uri)
         widths.add(int(out.shape[1]))
+        if rows == 2 and device is not None:
+            break  # at load, two rows on the device; the batch sizes were checked on the CPU already
     return widths.pop()
 
 

@@ -89,14 +89,21 @@ class MiniLMPredictor:
 
     def encode_ids(self, ids: list[list[int]]) -> torch.Tensor:
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-        mask = np.arange(int(lengths.max())) < lengths[:, None]
-        tokens = np.full(mask.shape, self.pad_id, dtype=np.int64)
-        tokens[mask] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-        # Without blocking only on CUDA, which stages a copy from pageable memory before returning; MPS may
-        # still read `tokens` after this function has dropped it.
+        keep = np.arange(int(lengths.max())) < lengths[:, None]
+        # On CUDA the padded tokens are written straight into pinned memory and the mask (as bool, 1 byte a
+        # token) goes through pinned memory too, so both copies run without blocking. Their blocks come from
+        # torch's pinned-memory cache, which reuses a block only once the copies queued from it have run.
+        # MPS copies do not wait, and may still read memory this function has dropped: they block.
         cuda = self.device.type == "cuda"
-        input_ids = torch.from_numpy(tokens).to(self.device, non_blocking=cuda)
-        mask = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=cuda)
+        staged = torch.empty(keep.shape, dtype=torch.int64, pin_memory=cuda)
+        tokens = staged.numpy()
+        tokens.fill(self.pad_id)
+        tokens[keep] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
+        staged_mask = torch.from_numpy(keep)
+        if cuda:
+            staged_mask = staged_mask.pin_memory()
+        input_ids = staged.to(self.device, non_blocking=cuda)
+        mask = staged_mask.to(self.device, non_blocking=cuda)
         out = self.model(input_ids, mask).float()
         weights = mask.unsqueeze(-1).to(out.dtype)
         pooled = (out * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
