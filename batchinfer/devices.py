@@ -289,7 +289,7 @@ def _take(
     healthy = [d for d in devices if d.name not in broken]
     if not healthy:
         reasons = "; ".join(f"{d.name}: {broken[d.name]}" for d in devices)
-        raise NoHealthyDevice(f"shard {shard_id}: every device left the pool in this process ({reasons})")
+        raise NoHealthyDevice(f"every device left the pool in this process ({reasons})")
     ordered = sorted(healthy, key=lambda d: d.name not in prefer)
     fds = {d.name: _open_lock(d) for d in ordered}
     lease: Lease | None = None

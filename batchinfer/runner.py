@@ -209,7 +209,7 @@ def _raise_device_lost(
     healthy = [d.name for d in pool if d.name not in broken]
     then = f"the shard goes to {', '.join(healthy)}" if healthy else "no healthy device is left"
     raise DeviceLostError(
-        f"shard {shard.shard_id}: {device.name} left the pool: {why}; {then}",
+        f"{device.name} left the pool: {why}; {then}",
         transient=bool(healthy),
         shard_id=shard.shard_id,
     ) from exc
