@@ -4,8 +4,8 @@
 
 Same data, checkpoint, device (the CPU by default, every core) and batch size
 for every variant. `--device cuda:0` (or `auto`: cuda:0 when CUDA is there)
-moves both workloads' bare loops and flows, and the MLP's naive loop, onto that
-device; Ray Data, the precision runs and MiniLM's naive loop stay on the CPU.
+moves both workloads' bare loops, flows and precision runs, and the MLP's naive
+loop, onto that device; Ray Data and MiniLM's naive loop stay on the CPU.
 `--only bare,flow` runs just those rows (see `--only`), e.g. the flow against
 the bare loop on a GPU:
 
@@ -360,7 +360,7 @@ def mlp_rows(
         Row(
             "precision",
             "mlp-precision",
-            {**common, "matrix": str(paths["matrix"]), "precision_rows": min(args.rows, 1_000_000), "once": True},
+            {**common, **on, "matrix": str(paths["matrix"]), "precision_rows": min(args.rows, 1_000_000), "once": True},
             key="precision",
         )
     )
@@ -408,7 +408,7 @@ def text_rows(args: argparse.Namespace, bench: Path, with_ray: bool, device: str
         Row(
             "precision",
             "minilm-precision",
-            {**common, "precision_rows": min(args.sentences, args.text_precision_rows), "once": True},
+            {**common, **on, "precision_rows": min(args.sentences, args.text_precision_rows), "once": True},
             key="precision",
         )
     ]
@@ -566,13 +566,31 @@ def update_markdown(section: str, body: str) -> None:
 # -- main --------------------------------------------------------------------------------------------------
 
 
+def _batch_size(text: str) -> int:
+    """A positive number, or 'auto' (0, the flow's batch size "auto")."""
+    if text.strip().lower() == "auto":
+        return 0
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'auto', got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000, help="MLP rows (64 float features)")
     parser.add_argument("--sentences", type=int, default=5_000, help="MiniLM sentences")
     parser.add_argument("--workloads", default="mlp,minilm", help="comma-separated: mlp, minilm, hf")
-    parser.add_argument("--batch-size", type=int, default=1024, help="MLP rows per forward pass, every variant")
-    parser.add_argument("--text-batch-size", type=int, default=64, help="MiniLM sentences per forward pass")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=1024,
+        help="MLP rows per forward pass, every variant; 'auto': the flow's auto mode, and the size it starts from "
+        "for the loops",
+    )
+    parser.add_argument(
+        "--text-batch-size", type=_batch_size, default=64, help="MiniLM sentences per forward pass (or 'auto')"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each MLP variant (the table shows medians)")
     parser.add_argument("--text-repeats", type=int, default=1, help="runs of each MiniLM variant")
@@ -744,11 +762,12 @@ def report(
         precision_md = kinds_table(precision)
     else:
         precision_md = precision_table(precision, deviation) if precision else ""
+    batch, text_batch = args.batch_size or "auto", args.text_batch_size or "auto"
     workload = {
-        "mlp": f"{args.rows:,} rows x 64 float32 features, MLP 64-256-256-10, batch {args.batch_size}",
-        "minilm": f"{args.sentences:,} sentences, all-MiniLM-L6-v2, batch {args.text_batch_size}",
+        "mlp": f"{args.rows:,} rows x 64 float32 features, MLP 64-256-256-10, batch {batch}",
+        "minilm": f"{args.sentences:,} sentences, all-MiniLM-L6-v2, batch {text_batch}",
         "hf": f"{args.sentences:,} sentences, a Hugging Face BertForSequenceClassification (the all-MiniLM-L6-v2 "
-        f"encoder, 2 classes) as `hf:DIR`, batch {args.text_batch_size}",
+        f"encoder, 2 classes) as `hf:DIR`, batch {text_batch}",
     }[name]
     where = f"device {info['device']} ({info['device_name']}), " if info["device"] != "cpu" else ""
     repeats = max((len(row.runs) for row in rows), default=1)

@@ -46,6 +46,23 @@ def _device(params: dict[str, Any]):
     return torch.device(name)
 
 
+def flow_devices(params: dict[str, Any]) -> str:
+    """The flow's --devices for `params["device"]`: one device, as `discover` names it (a bare 'cuda' is cuda:0)."""
+    device = _device(params)
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return device.type
+
+
+def _batch(params: dict[str, Any], kind: str, device) -> int:
+    """`params["batch_size"]`, or for 0 ("auto") the size the flow's auto mode starts from on that device."""
+    from batchinfer.runner import AUTO_START_BATCH_SIZE, CPU_BATCH_SIZE
+
+    if params["batch_size"]:
+        return params["batch_size"]
+    return (AUTO_START_BATCH_SIZE if device.type != "cpu" else CPU_BATCH_SIZE)[kind]
+
+
 def _sync(device) -> None:
     """Wait for the device's queued work, so that a clock stopped after it counts that work."""
     import torch
@@ -96,7 +113,7 @@ def mlp_bare(params: dict[str, Any]) -> dict[str, Any]:
     device = _device(params)
     model = _mlp_module(params["checkpoint"]).to(device)
     x = torch.from_numpy(np.load(params["matrix"])).to(device)
-    rows, batch = x.shape[0], params["batch_size"]
+    rows, batch = x.shape[0], _batch(params, "features", device)
     out = torch.empty((rows, 10), dtype=torch.float32, device=device)
     with torch.inference_mode():
         model(x[:batch])  # warm-up: first-call allocations (and CUDA kernels)
@@ -107,7 +124,14 @@ def mlp_bare(params: dict[str, Any]) -> dict[str, Any]:
             out[lo : lo + batch] = torch.softmax(model(x[lo : lo + batch]), dim=1)
         _sync(device)
         seconds = time.perf_counter() - start
-    return {"rows": rows, "seconds": seconds, "device": str(device), "started_at": started_at, "ended_at": time.time()}
+    return {
+        "rows": rows,
+        "seconds": seconds,
+        "device": str(device),
+        "batch_size": batch,
+        "started_at": started_at,
+        "ended_at": time.time(),
+    }
 
 
 @variant("mlp-naive")
@@ -122,7 +146,7 @@ def mlp_naive(params: dict[str, Any]) -> dict[str, Any]:
     device = _device(params)
     model = _mlp_module(params["checkpoint"]).to(device)
     out_dir = _fresh(params["output"]) if "://" not in params["output"] else None
-    batch = params["batch_size"]
+    batch = _batch(params, "features", device)
     rows = 0
     start = time.perf_counter()
     for path in sorted(Path(params["input"]).glob("*.parquet")):
@@ -245,17 +269,20 @@ def mlp_precision(params: dict[str, Any]) -> dict[str, Any]:
     from batchinfer.models import mlp
 
     _threads(params)
-    x = torch.from_numpy(np.load(params["matrix"], mmap_mode="r")[: params["precision_rows"]].copy())
-    batch = params["batch_size"]
+    device = _device(params)
+    x = torch.from_numpy(np.load(params["matrix"], mmap_mode="r")[: params["precision_rows"]].copy()).to(device)
+    batch = _batch(params, "features", device)
     results: dict[str, Any] = {}
     reference: torch.Tensor | None = None
-    for precision in ("fp32", "bf16", "fp16", "int8"):
+    for precision in _precisions(device):
         spec = mlp.resolve(params["checkpoint"], precision=precision, storage_options={})
-        predictor = spec.load(torch.device("cpu"))
+        predictor = spec.load(device)
         with torch.inference_mode():
             predictor.predict(x[:batch])
+            _sync(device)
             start = time.perf_counter()
             probs = torch.cat([predictor.predict(x[i : i + batch]) for i in range(0, len(x), batch)])
+            _sync(device)
             seconds = time.perf_counter() - start
         if reference is None:
             reference = probs
@@ -265,7 +292,12 @@ def mlp_precision(params: dict[str, Any]) -> dict[str, Any]:
             "max_abs_prob_diff": float((probs - reference).abs().max()),
             "argmax_agreement": float((probs.argmax(1) == reference.argmax(1)).float().mean()),
         }
-    return {"rows": len(x), "seconds": 0.0, "precisions": results}
+    return {"rows": len(x), "seconds": 0.0, "precisions": results, "device": str(device)}
+
+
+def _precisions(device) -> tuple[str, ...]:
+    """fp32 first (the reference); int8 dynamic quantisation runs on the CPU only."""
+    return ("fp32", "bf16", "fp16", "int8") if device.type == "cpu" else ("fp32", "bf16", "fp16")
 
 
 # -- the batchinfer flow ----------------------------------------------------------------------------------
@@ -291,7 +323,7 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         features=params.get("features"),
         batch_size=params["batch_size"],
         shard_rows=params.get("shard_rows") or DEFAULT_SHARD_ROWS,
-        devices=params.get("devices") or str(_device(params)),
+        devices=params.get("devices") or flow_devices(params),
         cpu_threads=params["threads"],
         precision=params.get("precision", "fp32"),
         engine=params.get("engine", "local"),
@@ -318,6 +350,9 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
     starts = sorted(m["started_at"] for m in markers)
     ends = sorted(m["finished_at"] for m in markers)
     return {
+        "batch_size": config.compute.batch_size or "auto",
+        "batch_sizes_used": sorted({m.get("batch_size") for m in markers if m.get("batch_size")}),
+        **_peak_device_memory(),
         "flow_started_at": started_at,
         "first_shard_started_at": _epoch(starts[0]) if starts else None,
         "last_shard_finished_at": _epoch(ends[-1]) if ends else None,
@@ -336,6 +371,16 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
 
 def _epoch(stamp: str) -> float:
     return dt.datetime.fromisoformat(stamp).timestamp()
+
+
+def _peak_device_memory() -> dict[str, Any]:
+    """The most memory torch's allocator held on each GPU this process used (nothing on the CPU)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    peaks = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())}
+    return {"peak_gpu_memory_mb": {name: round(b / 2**20, 1) for name, b in peaks.items() if b}}
 
 
 # -- MiniLM -----------------------------------------------------------------------------------------------
@@ -382,7 +427,7 @@ def minilm_bare(params: dict[str, Any]) -> dict[str, Any]:
     tokenizer, model, max_length = _minilm()
     model = model.to(device)
     _, texts = _texts(params["input"])
-    batch = params["batch_size"]
+    batch = _batch(params, "text", device)
     order = np.arange(len(texts))
     if params["sorted"]:
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
@@ -411,6 +456,7 @@ def minilm_bare(params: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "padding": padded / real,
         "device": str(device),
+        "batch_size": batch,
         "started_at": started_at,
         "ended_at": time.time(),
     }
@@ -425,7 +471,7 @@ def minilm_naive(params: dict[str, Any]) -> dict[str, Any]:
     _threads(params)
     tokenizer, model, max_length = _minilm()
     out_dir = _fresh(params["output"]) if "://" not in params["output"] else None
-    batch = params["batch_size"]
+    batch = _batch(params, "text", torch.device("cpu"))
     rows = 0
     start = time.perf_counter()
     for path in sorted(Path(params["input"]).glob("*.parquet")):
@@ -488,23 +534,26 @@ def minilm_precision(params: dict[str, Any]) -> dict[str, Any]:
     from batchinfer.models import minilm
 
     _threads(params)
+    device = _device(params)
     _, texts = _texts(params["input"])
     texts = texts[: params["precision_rows"]]
-    batch = params["batch_size"]
+    batch = _batch(params, "text", device)
     results: dict[str, Any] = {}
     reference: torch.Tensor | None = None
-    for precision in ("fp32", "bf16", "fp16", "int8"):
+    for precision in _precisions(device):
         spec = minilm.resolve(precision=precision)
-        predictor = spec.load(torch.device("cpu"))
+        predictor = spec.load(device)
         ids = predictor.tokenize(texts)
         order = np.argsort([len(row) for row in ids], kind="stable")
-        out = torch.empty((len(texts), 384))
+        out = torch.empty((len(texts), 384), device=device)
         with torch.inference_mode():
             predictor.encode_ids([ids[i] for i in order[:batch]])
+            _sync(device)
             start = time.perf_counter()
             for lo in range(0, len(order), batch):
                 index = order[lo : lo + batch]
-                out[torch.from_numpy(index)] = predictor.encode_ids([ids[i] for i in index])
+                out[torch.from_numpy(index).to(device)] = predictor.encode_ids([ids[i] for i in index])
+            _sync(device)
             seconds = time.perf_counter() - start
         if reference is None:
             reference = out
@@ -515,7 +564,7 @@ def minilm_precision(params: dict[str, Any]) -> dict[str, Any]:
             "mean_cosine": float(cosine.mean()),
             "min_cosine": float(cosine.min()),
         }
-    return {"rows": len(texts), "seconds": 0.0, "precisions": results}
+    return {"rows": len(texts), "seconds": 0.0, "precisions": results, "device": str(device)}
 
 
 # -- a Hugging Face text classifier ------------------------------------------------------------------------
