@@ -396,30 +396,37 @@ class DeviceWorkers:
         self._models: dict[str, tuple[str, Predictor]] = {}
         self._model_locks: dict[str, threading.Lock] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
-        self._broken: dict[str, tuple[str, set[str]]] = {}  # device name -> (why, the shards that failed there)
+        # run -> device name -> (why it left the pool, the shards that failed there). Per run, because a
+        # long-lived worker process (Dask, Ray) serves many runs: a device whose model failed to load for
+        # one run may serve the next, and one whose CUDA context broke fails the next run's first shard
+        # on it at once and leaves that run's pool too.
+        self._broken: dict[str, dict[str, tuple[str, set[str]]]] = {}
         self.loads: list[tuple[str, str]] = []
 
-    def broken(self) -> dict[str, str]:
-        """Devices that left this process's pool, and why."""
+    def broken(self, run: str = "") -> dict[str, str]:
+        """Devices that left this process's pool in `run`, and why."""
         with self._lock:
-            return {name: why for name, (why, _) in self._broken.items()}
+            return {name: why for name, (why, _) in self._broken.get(run, {}).items()}
 
-    def mark_broken(self, device: Device, why: str, shard_id: str) -> None:
-        """`device` takes no more shards in this process (its CUDA context, or its model, is unusable)."""
+    def mark_broken(self, device: Device, why: str, shard_id: str, run: str = "") -> None:
+        """`device` takes no more shards of `run` in this process (its CUDA context, or its model, is unusable)."""
         with self._lock:
-            first = device.name not in self._broken
-            self._broken.setdefault(device.name, (why, set()))[1].add(shard_id)
+            if run not in self._broken and len(self._broken) >= 16:
+                self._broken.pop(next(iter(self._broken)))  # the oldest run's record
+            devices = self._broken.setdefault(run, {})
+            first = device.name not in devices
+            devices.setdefault(device.name, (why, set()))[1].add(shard_id)
             self._models.pop(device.name, None)
         if first:
             log.warning("%s left the pool of pid %d: %s", device.name, os.getpid(), why)
 
-    def broke_under(self, shard_id: str) -> dict[str, str]:
+    def broke_under(self, shard_id: str, run: str = "") -> dict[str, str]:
         """The devices that left the pool while scoring `shard_id`, and why (for that shard's record)."""
         with self._lock:
-            return {name: why for name, (why, shards) in self._broken.items() if shard_id in shards}
+            return {name: why for name, (why, shards) in self._broken.get(run, {}).items() if shard_id in shards}
 
     def forget_broken(self) -> None:
-        """A new run: devices that left the pool in an earlier run of this process get another chance."""
+        """A new run in this process: every device is in the pool again."""
         with self._lock:
             self._broken.clear()
 

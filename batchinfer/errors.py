@@ -60,9 +60,12 @@ class NoHealthyDevice(DeviceError):
 class DeviceLostError(BatchInferError):
     """A shard failed because its device broke; retrying helps while another device of the pool is healthy."""
 
-    def __init__(self, message: str, *, transient: bool, shard_id: str | None = None):
+    def __init__(self, message: str, *, transient: bool = False, shard_id: str | None = None):
         super().__init__(message, shard_id=shard_id)
         self.transient = transient
+
+    def __reduce__(self):  # keeps `transient` across processes (a process pool's worker raises it)
+        return (type(self), (self.message,), {"transient": self.transient, "shard_id": self.shard_id})
 
 
 class OutputConflictError(BatchInferError):

@@ -10,6 +10,7 @@ leaves no marker, so the shard counts as not done.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import multiprocessing
 import os
@@ -142,7 +143,8 @@ def score_shard(
     """Own a device on this host, score the shard on it, commit it. Raises on failure (nothing committed)."""
     storage = storage or Storage(settings.output_uri, settings.storage_options)
     prefer = workers.loaded(spec)
-    with hold_device(devices, shard.shard_id, run=run, prefer=prefer, broken=workers.broken, on_wait=log.info) as lease:
+    broken = functools.partial(workers.broken, run)
+    with hold_device(devices, shard.shard_id, run=run, prefer=prefer, broken=broken, on_wait=log.info) as lease:
         device = lease.device
         stats = ShardStats(
             shard.shard_id,
@@ -153,7 +155,7 @@ def score_shard(
             waited_seconds=lease.waited_seconds,
             waited_for=lease.waited_for,
             started_at=_now(),
-            note=_moved_note(workers.broke_under(shard.shard_id)),
+            note=_moved_note(workers.broke_under(shard.shard_id, run)),
         )
         start = time.perf_counter()
 
@@ -170,8 +172,8 @@ def score_shard(
             why = _why_broken(exc)
             if why is None:
                 raise
-            workers.mark_broken(device, why, shard.shard_id)
-            _raise_device_lost(shard, device, devices, why, workers, exc)
+            workers.mark_broken(device, why, shard.shard_id, run)
+            _raise_device_lost(shard, device, devices, why, broken(), exc)
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
         _write_marker(shard, settings, spec, stats, storage)
@@ -202,10 +204,9 @@ def _why_broken(exc: BaseException) -> str | None:
 
 
 def _raise_device_lost(
-    shard: Shard, device: Device, pool: list[Device], why: str, workers: DeviceWorkers, exc: BaseException
+    shard: Shard, device: Device, pool: list[Device], why: str, broken: dict[str, str], exc: BaseException
 ) -> None:
     """The shard failed with its device: retried (transient) while a healthy device is left, else final."""
-    broken = workers.broken()
     healthy = [d.name for d in pool if d.name not in broken]
     then = f"the shard goes to {', '.join(healthy)}" if healthy else "no healthy device is left"
     raise DeviceLostError(
@@ -363,7 +364,9 @@ def _pinned_features(batch: pa.RecordBatch, names: list[str]) -> _Features:
     rows = batch.num_rows
     if len(names) == 1 and pa.types.is_fixed_size_list(batch.schema.field(names[0]).type):
         matrix, ok, reasons = feature_matrix(batch, names)
-        host = torch.from_numpy(np.ascontiguousarray(matrix)).pin_memory()
+        with warnings.catch_warnings():  # a read-only zero-copy view: pin_memory copies it
+            warnings.simplefilter("ignore", UserWarning)
+            host = torch.from_numpy(np.ascontiguousarray(matrix)).pin_memory()
         return _Features(host.numpy(), ok, reasons, host)
     # Column-major, as feature_matrix builds it: [features, rows] in memory, seen as [rows, features].
     host = torch.empty((len(names), rows), dtype=torch.float32, pin_memory=True).T

@@ -23,6 +23,7 @@
 # touches S3, which the CPU test suite covers against a local S3 server.
 #
 # Usage: [WITH_S3=1] [LIMIT_MIB=64] scripts/gpu-wheels.sh [DIR]
+#        (PY_VERSION=3.11 XZ_LEVEL=6: a set for another Python, to rehearse the install where one has a registry)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -92,11 +93,12 @@ for wheel in sorted(source.glob("*.whl")):
 Path(os.environ["LIST"]).write_text("\n".join(lines) + "\n")
 print(f"   {len(lines)} wheels, {sum(int(l.split()[1]) for l in lines) / 2**20:.1f} MiB stored")
 EOF
-echo "== compressing (xz -9; a few minutes)"
+level="${XZ_LEVEL:-9}" # 9 is what fits; a lower level only to rehearse faster
+echo "== compressing (xz -$level; minutes)"
 if command -v xz >/dev/null 2>&1; then
-  tar -C "$tmp/stored" -cf - . | xz -9 -T0 >"$dir/wheels.tar.xz"
+  tar -C "$tmp/stored" -cf - . | xz "-$level" -T0 >"$dir/wheels.tar.xz"
 else
-  (cd "$tmp/stored" && $py -c "import sys, tarfile; t = tarfile.open(sys.argv[1], 'w:xz', preset=9); t.add('.'); t.close()" "$dir/wheels.tar.xz")
+  (cd "$tmp/stored" && $py -c "import sys, tarfile; t = tarfile.open(sys.argv[1], 'w:xz', preset=int(sys.argv[2])); t.add('.'); t.close()" "$dir/wheels.tar.xz" "$level")
 fi
 $py -m benchmarks.minilm_shape copy-tokenizer "$dir/minilm-shape"
 

@@ -361,3 +361,31 @@ def test_the_benchmarks_cuda_flow_asks_for_a_device_that_discover_accepts(monkey
     assert [d.name for d in discover(flow_devices({"device": "cuda:1"}))] == ["cuda:1"]
     assert [d.name for d in discover(flow_devices({"device": "auto"}))] == ["cuda:0"]
     assert flow_devices({"device": "cpu"}) == "cpu"
+
+
+def test_whether_a_lost_device_may_be_retried_survives_a_process_pool():
+    """Prefect's process pool sends a worker's exception back pickled; the retry decision must come along."""
+    import pickle
+
+    from batchinfer.errors import DeviceLostError
+    from tasks.shards import retry_transient
+
+    class _State:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def result(self, raise_on_failure: bool = False) -> BaseException:
+            return self.exc
+
+    for transient in (True, False):
+        sent = pickle.loads(pickle.dumps(DeviceLostError("cuda:1 left the pool: ...", transient=transient)))
+        assert retry_transient(None, None, _State(sent)) is transient and str(sent) == "cuda:1 left the pool: ..."
+
+
+def test_a_device_leaves_the_pool_of_one_run_only():
+    """A long-lived worker process (Dask, Ray) serves many runs: the next run tries the device again."""
+    workers = DeviceWorkers()
+    workers.mark_broken(Device("cuda:1", "cuda:1"), "its model failed to load (...)", "s" * 16, "flow run a")
+    assert workers.broken("flow run a") == {"cuda:1": "its model failed to load (...)"}
+    assert workers.broke_under("s" * 16, "flow run a") == {"cuda:1": "its model failed to load (...)"}
+    assert workers.broken("flow run b") == {} and workers.broke_under("s" * 16, "flow run b") == {}
