@@ -682,11 +682,11 @@ def _launch_texts(
                 result = torch.empty((count, out.shape[1]), dtype=torch.float32, device=out.device)
             result[torch.from_numpy(index).to(out.device, non_blocking=cuda)] = out
             start += len(index)
-    assert result is not None
-    if not cuda:
-        return _Pending(result.cpu())
-    host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
-    host.copy_(result, non_blocking=True)
+        assert result is not None
+        if not cuda:
+            return _Pending(result.cpu())
+        host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(result, non_blocking=True)
     return _Pending(host, _recorded(device))
 
 

@@ -151,7 +151,7 @@ def test_stored_schema_keeps_groups_descriptions_bounds_and_enums(stack, deploye
             assert prop["description"] == field.description and prop["title"] == field.title, (group, name)
 
     compute = definitions["ComputeConfig"]["properties"]
-    assert compute["batch_size"]["minimum"] == 0 and compute["batch_size"]["default"] == 1024
+    assert compute["batch_size"]["minimum"] == 0 and compute["batch_size"]["default"] == 0  # auto
     assert compute["shard_rows"]["minimum"] == 1
     assert compute["cpu_threads"]["anyOf"][0]["minimum"] == 1
     output = definitions["OutputConfig"]["properties"]
