@@ -129,7 +129,7 @@ def test_a_torchscript_model_out_of_memory_above_a_batch_size_finishes_through_t
         capsys,
         "run",
         *("--input", str(data), "--output", str(output), "--model", str(model), "--features", "a,b,c"),
-        *("--batch-size", "1024", "--devices", "cpu"),
+        *("--batch-size", "1024", "--devices", "cpu", "--output-kind", "classifier"),
     )
     assert code == 0
     got = pl.read_parquet(output / "predictions" / "*.parquet").sort("id")

@@ -233,12 +233,15 @@ class _GreedyScript(torch.nn.Module):
 def test_torchscript_out_of_memory_on_cuda_halves_without_emptying_the_cache(tmp_path, monkeypatch):
     from batchinfer import runner
     from batchinfer.devices import Device
+    from batchinfer.models.base import Wanted
     from batchinfer.models.exported import resolve
     from tests.test_speed_features import _feature_settings
 
     path = tmp_path / "greedy.pt"
     torch.jit.save(torch.jit.script(_GreedyScript()), str(path))
-    spec = resolve(str(path), precision="fp32", features=["a", "b", "c"], storage_options={})
+    spec = resolve(
+        str(path), precision="fp32", features=["a", "b", "c"], storage_options={}, wanted=Wanted("classifier")
+    )
     spec.accepts(3)
     monkeypatch.setattr(runner, "_auto_batch", {})
     emptied: list[int] = []
@@ -269,6 +272,7 @@ class _MakesATensorOnItsDevice(_MakesATensor):
 
 def test_an_exported_program_made_on_the_gpu_runs_on_the_cpu(tmp_path):
     """move_to_device_pass on every device: the tensor its graph creates was recorded on cuda:0."""
+    from batchinfer.models.base import Wanted
     from batchinfer.models.exported import resolve
 
     torch.manual_seed(0)
@@ -278,7 +282,9 @@ def test_an_exported_program_made_on_the_gpu_runs_on_the_cpu(tmp_path):
     program = torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, str(path))
     x = torch.randn(64, 3)
-    spec = resolve(str(path), precision="fp32", features=["a", "b", "c"], storage_options={})
+    spec = resolve(
+        str(path), precision="fp32", features=["a", "b", "c"], storage_options={}, wanted=Wanted("classifier")
+    )
     with torch.inference_mode():
         on_cpu = spec.load(torch.device("cpu")).predict(x)
         expected = torch.softmax(module(x.to("cuda:0")), dim=1).cpu()
