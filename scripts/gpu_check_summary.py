@@ -43,7 +43,7 @@ def outcome(key: str) -> dict[str, Any]:
 
 if "error" in torch_info:
     problems.insert(0, "environment: " + torch_info["error"])
-install = {**outcome("install"), "line": last_line(out / "install.log")}
+install = {**outcome("install"), "line": last_line(out / "install.log", "installed ") or last_line(out / "install.log")}
 
 # GPU tests: they skip without CUDA; with it they must pass.
 tests = {**outcome("tests"), "pytest": last_line(out / "tests.log")}
