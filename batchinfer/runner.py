@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from batchinfer import devices, outputs, progress
+from batchinfer import devices, faults, outputs, progress
 from batchinfer.config import OUTPUT_COMPRESSION, text_columns
 from batchinfer.devices import WORKERS, Device, DeviceWorkers, hold_device, stopping
 from batchinfer.errors import BatchInferError, ModelError, ShardFailedError, Stopped
@@ -69,6 +69,7 @@ class ShardSettings:
     output_fingerprint: str
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     output: outputs.OutputSpec = field(default_factory=outputs.OutputSpec)
+    run_id: str = field(default="", compare=False)  # the run that commits a shard, recorded in its marker
 
     @property
     def text_columns(self) -> list[str]:
@@ -159,6 +160,7 @@ def score_shard(
         workers.run(device, work)
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
+        faults.point("commit.data")
         _write_marker(shard, settings, spec, stats, storage)
     progress.emit(progress.Event("shard_done", shard.shard_id, rows=stats.rows_in))
     log.info(
@@ -202,6 +204,7 @@ def _score_and_commit(
         try:
             for batch, tokens in prefetch(chunks):
                 _stop_if_asked(shard.shard_id)
+                faults.point("scoring")
                 table, bad_keys, bad_reasons = _score_chunk(batch, settings, spec, predictor, device, shard, tokens)
                 if table.num_rows:
                     writer.write(table)
@@ -478,6 +481,7 @@ def _write_marker(shard: Shard, settings: ShardSettings, spec: ModelSpec, stats:
         "shard": shard.to_dict(),
         "model_fingerprint": settings.model_fingerprint,
         "output_fingerprint": settings.output_fingerprint,
+        "run_id": settings.run_id,
         "output": layout.shard(shard.shard_id),
         "errors": layout.errors(shard.shard_id) if stats.rows_error else None,
     }
