@@ -461,36 +461,74 @@ def test_a_completed_partial_result_drops_its_missing_keys(tabular, tmp_path):
 
 
 class _Recording:
-    """The tokenizer, recording the longest text it was handed."""
+    """A tokenizer, recording the longest text it was handed."""
 
     def __init__(self, inner: Any):
         self.inner, self.longest = inner, 0
 
-    def encode_batch(self, texts: list[str]) -> Any:
-        self.longest = max([self.longest, *map(len, texts)])
-        return self.inner.encode_batch(texts)
+    def _saw(self, *texts: Any) -> None:
+        for text in texts:
+            for one in [text] if isinstance(text, str) else text or []:
+                self.longest = max(self.longest, len(one))
 
-    def encode(self, text: str) -> Any:
-        self.longest = max(self.longest, len(text))
-        return self.inner.encode(text)
+    def encode_batch(self, texts: list[str], **options: Any) -> Any:
+        self._saw(texts)
+        return self.inner.encode_batch(texts, **options)
+
+    def encode(self, text: str, **options: Any) -> Any:
+        self._saw(text)
+        return self.inner.encode(text, **options)
+
+    def __call__(self, text: Any, pair: Any = None, **options: Any) -> Any:
+        self._saw(text, pair)
+        return self.inner(text, pair, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+HUGE = " ".join(f"word{i % 97} punct, café" for i in range(150_000))  # over 2.5 MB
+SPACED = "start" + " " * 300_000 + " end" * 400  # a cut of its first characters holds too few tokens
 
 
 def test_a_huge_text_cell_is_cut_before_it_is_tokenized():
-    """A 2 MB cell among short ones: the tokenizer never sees more than a bound derived from the model's
-    maximum length, and the token ids are exactly the whole text's, truncated (also where the cut alone
-    would drop tokens: a long run of spaces)."""
+    """A 2.8 MB cell among short ones (MiniLM): the tokenizer never gets the huge cell whole, and the token ids
+    are exactly the whole text's, truncated, also where a cut of the first characters would drop tokens."""
     from batchinfer.models import minilm
 
     predictor = minilm.MiniLMPredictor(minilm.model_dir(), "fp32", torch.device("cpu"))
-    huge = " ".join(f"word{i % 97} punct, café" for i in range(150_000))
-    spaced = "start" + " " * 300_000 + " end" * 400
-    texts = ["a short one", huge, "", spaced, "another short one"]
+    texts = ["a short one", HUGE, "", SPACED, "another short one"]
     expected = [encoding.ids for encoding in predictor._fast.encode_batch(texts)]
     recording = _Recording(predictor._fast)
     predictor._fast = recording
     assert predictor.tokenize(texts) == expected
-    # The 2 MB cell was never handed over whole; the spaced one was, after cuts that gave too few tokens.
-    assert len(huge) > 2_000_000 and recording.longest == len(spaced) < len(huge) // 5
+    assert len(HUGE) > 2_500_000 and recording.longest == len(SPACED) < len(HUGE) // 5
+
+
+def test_a_huge_text_cell_is_cut_before_a_hugging_face_tokenizer_too(tmp_path):
+    """The same for a Hugging Face classifier (64 positions), alone and in text pairs."""
+    from batchinfer.models.base import resolve_model
+    from tests import hf_models
+
+    folder = hf_models.save_classifier(tmp_path / "cls", num_labels=2)
+    options = dict(checkpoint=None, precision="fp32", features=None, text_column="text", storage_options={})
+    predictor = resolve_model(f"hf:{folder}", **options).load(torch.device("cpu"))
+    tokenizer = predictor.tokenizer
+    texts = ["a short one", HUGE, SPACED]
+    pairs = [("a question", HUGE), (HUGE, "an answer"), (SPACED, HUGE), ("short", "pair")]
+
+    def whole(batch: list[Any]) -> list[list[int]]:
+        first = [b[0] if isinstance(b, tuple) else b for b in batch]
+        second = [b[1] for b in batch] if isinstance(batch[0], tuple) else None
+        ids = tokenizer(first, second, truncation=True, max_length=predictor.max_length)["input_ids"]
+        return [list(row) for row in ids]
+
+    expected = whole(texts), whole(pairs)
+    recording = _Recording(tokenizer)
+    predictor.tokenizer = recording
+    got = [t.ids for t in predictor.tokenize(texts)], [t.ids for t in predictor.tokenize(pairs)]
+    assert got == expected
+    assert recording.longest == len(SPACED) < len(HUGE) // 5
 
 
 # -- 8. an unreachable Prefect API -------------------------------------------------------------

@@ -15,7 +15,6 @@ import functools
 import itertools
 import json
 import os
-import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,27 +22,20 @@ import numpy as np
 import torch
 
 from batchinfer.errors import ModelError
-from batchinfer.models.base import ModelSpec, Precisioned, Wanted, choose_output, digest, quantize_if_asked
+from batchinfer.models.base import (
+    ModelSpec,
+    Precisioned,
+    Wanted,
+    choose_output,
+    cut_texts,
+    digest,
+    quantize_if_asked,
+)
 from batchinfer.models.bert import load_encoder
 
 # Tokenizing on an accelerator: texts per encode_batch call, and at most this many threads.
 TOKENIZE_PIECE = 512
 TOKENIZE_THREADS = 8
-# The tokenizer reads a whole string before it truncates, so one huge cell would cost memory and time in
-# proportion to its length. Texts are first cut to this many characters per token of the model's maximum
-# length (at a word boundary), and cut longer only when the cut gives fewer tokens than the maximum.
-CLIP_CHARS_PER_TOKEN = 32
-_BOUNDARY_SEARCH = 1_000
-
-
-def _word_boundary(text: str, size: int) -> int:
-    """Where to cut `text` near `size` so that no word is split: just after whitespace or punctuation
-    (where BERT's pre-tokenizer splits), or at `size` itself when the last stretch has neither."""
-    for at in range(size, max(size - _BOUNDARY_SEARCH, 0), -1):
-        char = text[at - 1]
-        if char.isspace() or unicodedata.category(char).startswith("P"):
-            return at
-    return size
 
 
 def model_dir() -> Path:
@@ -95,18 +87,11 @@ class MiniLMPredictor:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize") if workers > 1 else None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        limit = self.max_length * CLIP_CHARS_PER_TOKEN
-        cut = [text if len(text) <= limit else text[: _word_boundary(text, limit)] for text in texts]
-        ids = [encoding.ids for encoding in self._fast.encode_batch(cut)]
-        for i, text in enumerate(texts):
-            size = limit
-            # Fewer tokens than the maximum from a cut text (long runs of spaces, say): the cut may have dropped
-            # some, so cut longer; the ids are then exactly those of the whole text, truncated.
-            while cut[i] is not text and len(ids[i]) < self.max_length:
-                size *= 4
-                cut[i] = text if size >= len(text) else text[: _word_boundary(text, size)]
-                ids[i] = self._fast.encode(cut[i]).ids
-        return ids
+        texts = cut_texts(texts, self.max_length, self._count)
+        return [encoding.ids for encoding in self._fast.encode_batch(texts)]
+
+    def _count(self, text: str) -> int:
+        return len(self._fast.encode(text, add_special_tokens=False).ids)  # truncated: at most max_length
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to the model's maximum length, without padding."""
