@@ -99,7 +99,7 @@ def _strip(value: str) -> str:
     return value.strip()
 
 
-_MODEL_FILES = (".pt", ".pt2", ".ts", ".torchscript")
+_MODEL_FILES = (".pt", ".pt2", ".ts", ".torchscript", ".onnx")
 
 
 def absolute_uri(uri: str) -> str:
@@ -238,6 +238,8 @@ class ModelConfig(BaseModel):
     @classmethod
     def _not_blank(cls, value: str) -> str:
         value = _strip(value)
+        if value.startswith("hf:"):
+            return "hf:" + absolute_uri(value.removeprefix("hf:")) if value != "hf:" else value
         return absolute_uri(value) if value.endswith(_MODEL_FILES) else value
 
     @field_validator("checkpoint")

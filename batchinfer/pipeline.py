@@ -34,6 +34,7 @@ from batchinfer.errors import (
 )
 from batchinfer.layout import Layout
 from batchinfer.models.base import ModelSpec, digest, resolve_model
+from batchinfer.models.hf import cache_root as hf_cache
 from batchinfer.outputs import OutputSpec
 from batchinfer.planning import (
     Partition,
@@ -520,7 +521,7 @@ def start_run(plan: Plan) -> None:
         removed = storage.remove_stale_temps(folder)
         if removed:
             log.info("removed %d temporary file(s) left in %s by an interrupted attempt", removed, folder)
-    orphans = remove_orphaned_temps()
+    orphans = remove_orphaned_temps() + remove_orphaned_temps(str(hf_cache()))
     if orphans:
         log.info("removed %d temporary file(s) that killed processes left in the system's temp folder", orphans)
     storage.write_json(layout.manifest, manifest(plan, state="running"))

@@ -90,8 +90,10 @@ class Output:
 
 
 def system_temps(folder: Path) -> list[str]:
-    """What batchinfer left in the system temp folder (the per-host device lock folder is permanent state)."""
-    return sorted(p.name for p in folder.glob("batchinfer-*") if p.name != "batchinfer-devices")
+    """What batchinfer left in the system temp folder (the device lock folder and the model cache are kept)."""
+    return sorted(
+        p.name for p in folder.glob("batchinfer-*") if p.name not in ("batchinfer-devices", "batchinfer-cache")
+    )
 
 
 class Campaign:
