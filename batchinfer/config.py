@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import secrets
+from collections.abc import Callable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -41,8 +45,39 @@ DEFAULT_SHARD_ROWS = 1_000_000
 # 0 = auto: on an accelerator the largest batch that fits, on the CPU the measured best (batchinfer.runner).
 DEFAULT_BATCH_SIZE = 0
 
-_SECRET_WORDS = ("secret", "token", "password", "passwd", "credential", "session")
-_SECRET_KEYS = {"key", "aws_access_key_id", "access_key", "access_key_id", "client_secret"}
+# Storage options are masked by default: only these names are known to hold nothing secret. Their values
+# are kept in manifests, logs and the flow's parameters; every other value is a credential until shown not.
+_SAFE_OPTIONS = frozenset(
+    {
+        "anon",
+        "endpoint_url",  # kept only without user-info (a password in the URL) or a query string
+        "region_name",
+        "region",
+        "use_ssl",
+        "verify",
+        "signature_version",
+        "addressing_style",
+        "max_attempts",
+        "mode",
+        "connect_timeout",
+        "read_timeout",
+        "max_pool_connections",
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "default_block_size",
+        "version_aware",
+        "requester_pays",
+        "cache_regions",
+        "auto_mkdir",
+    }
+)
+# Options that group others: their entries are judged one by one.
+_OPTION_GROUPS = frozenset({"client_kwargs", "config_kwargs", "s3", "retries"})
+# A value written {"$env": "NAME"} is read from the environment of the process that opens the storage;
+# {"$secret": "NAME"} from the Prefect Secret block NAME. Only the names travel, never the values.
+ENV_REFERENCE, SECRET_REFERENCE = "$env", "$secret"
+_MASK = "***"
 
 _GROUP = ConfigDict(frozen=True, extra="forbid")
 
@@ -63,6 +98,17 @@ def _strip(value: str) -> str:
     if not value or not value.strip():
         raise ValueError("must not be empty")
     return value.strip()
+
+
+_MODEL_FILES = (".pt", ".pt2", ".ts", ".torchscript", ".onnx")
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path as an absolute path (URIs with a scheme unchanged), so a recorded run means the same
+    files from any working directory."""
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
 
 
 class InputConfig(BaseModel):
@@ -103,6 +149,11 @@ class InputConfig(BaseModel):
     @classmethod
     def _not_blank(cls, value: str) -> str:
         return _strip(value)
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return absolute_uri(value)
 
     @field_validator("features", "passthrough", mode="before")
     @classmethod
@@ -187,7 +238,15 @@ class ModelConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        return _strip(value)
+        value = _strip(value)
+        if value.startswith("hf:"):
+            return "hf:" + absolute_uri(value.removeprefix("hf:")) if value != "hf:" else value
+        return absolute_uri(value) if value.endswith(_MODEL_FILES) else value
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return absolute_uri(value.strip()) if value and value.strip() else value
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -281,7 +340,7 @@ class OutputConfig(BaseModel):
     @field_validator("uri")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        return _strip(value)
+        return absolute_uri(_strip(value))
 
 
 GROUPS: dict[str, type[BaseModel]] = {
@@ -324,11 +383,16 @@ class RunConfig(BaseModel):
         return data
 
     def output_fingerprint(self) -> str:
-        """Hash of the settings that shape a shard's output columns besides the model."""
+        """Hash of the settings that shape a shard's output bytes besides the model.
+
+        The batch size is one: a model's float results differ in the last bits from one batch size to
+        another (which rows share a matrix product), so a rerun never mixes shards scored at two sizes.
+        """
         payload = {
             "key": self.input.key_column,
             "passthrough": list(self.input.passthrough),
             "compression": OUTPUT_COMPRESSION,
+            "batch_size": self.compute.batch_size,
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -374,18 +438,67 @@ def parse_storage_options(text: str) -> dict[str, Any]:
     return value
 
 
-def is_secret_key(name: str) -> bool:
-    lowered = name.lower()
-    return lowered in _SECRET_KEYS or any(word in lowered for word in _SECRET_WORDS)
+def is_reference(value: Any) -> bool:
+    """A value that names where a secret lives ({"$env": NAME} or {"$secret": NAME}) instead of holding it."""
+    return (
+        isinstance(value, dict)
+        and len(value) == 1
+        and next(iter(value)) in (ENV_REFERENCE, SECRET_REFERENCE)
+        and isinstance(next(iter(value.values())), str)
+    )
 
 
-def redact(value: Any) -> Any:
-    """Mask values stored under credential-like keys, recursively."""
-    if isinstance(value, dict):
-        return {k: ("***" if is_secret_key(str(k)) else redact(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+def _plain_url(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return not (parts.username or parts.password or parts.query or "@" in parts.netloc)
+
+
+def _shown(name: str, value: Any) -> bool:
+    """Whether a storage option's value may be stored and shown as it is."""
+    if name == "endpoint_url":
+        return _plain_url(value)
+    return name in _SAFE_OPTIONS
+
+
+def _masked(options: dict[str, Any], replace: Callable[[str, Any], Any], path: str = "") -> dict[str, Any]:
+    """The options with each value not known to be harmless passed through `replace(dotted name, value)`."""
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        key, dotted = str(name), f"{path}{name}"
+        if value is None or is_reference(value) or _is_placeholder(value):
+            out[name] = value
+        elif key in _OPTION_GROUPS and isinstance(value, dict):
+            out[name] = _masked(value, replace, dotted + ".")
+        elif _shown(key, value):
+            out[name] = value
+        else:
+            out[name] = replace(dotted, value)
+    return out
+
+
+def redact(options: Any) -> Any:
+    """Storage options as they may be written down (manifests, logs, artifacts): every value masked unless
+    its name is known to be harmless; references to environment variables and Secret blocks kept."""
+    if not isinstance(options, dict):
+        return _MASK
+    return _masked(options, lambda name, value: _MASK)
+
+
+def clear_credentials(options: dict[str, Any]) -> list[str]:
+    """The dotted names of option values that would be masked: what must not be stored in clear."""
+    found: list[str] = []
+    _masked(options, lambda name, value: found.append(name))
+    return found
+
+
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def scrub(text: str) -> str:
+    """A message with any user-info (user:password@) taken out of the URLs it quotes."""
+    return _URL_USERINFO.sub("***@", text)
 
 
 # Credentials handed to an orchestrator are swapped for placeholders that only this process can
@@ -395,24 +508,21 @@ _held: dict[str, Any] = {}
 _held_tokens: dict[str, str] = {}
 
 
-def hold_secrets(value: Any) -> Any:
-    """A copy with every credential-like value replaced by a placeholder held in this process."""
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            if is_secret_key(str(k)) and v is not None and not _is_placeholder(v):
-                blob = json.dumps(v, sort_keys=True)
-                token = _held_tokens.get(blob)
-                if token is None:
-                    token = f"{_HELD_PREFIX}{secrets.token_hex(8)}"
-                    _held_tokens[blob], _held[token] = token, v
-                out[k] = token
-            else:
-                out[k] = hold_secrets(v)
-        return out
-    if isinstance(value, list):
-        return [hold_secrets(v) for v in value]
-    return value
+def _hold(name: str, value: Any) -> str:
+    blob = json.dumps(value, sort_keys=True)
+    token = _held_tokens.get(blob)
+    if token is None:
+        token = f"{_HELD_PREFIX}{secrets.token_hex(8)}"
+        _held_tokens[blob], _held[token] = token, value
+    return token
+
+
+def hold_secrets(options: Any) -> Any:
+    """A copy of the storage options with every value that `redact` masks replaced by a placeholder held
+    in this process."""
+    if not isinstance(options, dict):
+        return options
+    return _masked(options, _hold)
 
 
 def release_secrets(value: Any) -> Any:
@@ -433,7 +543,48 @@ def release_secrets(value: Any) -> Any:
 
 
 def _is_placeholder(value: Any) -> bool:
-    return isinstance(value, str) and (value == "***" or value.startswith(_HELD_PREFIX))
+    return isinstance(value, str) and (value == _MASK or value.startswith(_HELD_PREFIX))
+
+
+def _from_environment(name: str) -> str:
+    value = os.environ.get(name)
+    if value is None:
+        raise ConfigError(f"--storage-options names the environment variable {name}, which is not set")
+    return value
+
+
+def _no_secret_blocks(name: str) -> Any:
+    raise ConfigError(f"--storage-options names the Prefect Secret block {name!r}, which only a Prefect run can read")
+
+
+_resolvers: dict[str, Callable[[str], Any]] = {ENV_REFERENCE: _from_environment, SECRET_REFERENCE: _no_secret_blocks}
+
+
+def register_resolver(kind: str, resolve: Callable[[str], Any]) -> None:
+    """How references of `kind` are read in this process (the Prefect layer registers Secret blocks)."""
+    _resolvers[kind] = resolve
+
+
+def uses_secret_blocks(value: Any) -> bool:
+    if is_reference(value):
+        return SECRET_REFERENCE in value
+    if isinstance(value, dict):
+        return any(uses_secret_blocks(v) for v in value.values())
+    if isinstance(value, list):
+        return any(uses_secret_blocks(v) for v in value)
+    return False
+
+
+def resolve_references(value: Any) -> Any:
+    """The storage options with each reference replaced by what it names, read in this process."""
+    if is_reference(value):
+        [(kind, name)] = value.items()
+        return _resolvers[kind](name)
+    if isinstance(value, dict):
+        return {k: resolve_references(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_references(v) for v in value]
+    return value
 
 
 def make_config(**flat: Any) -> RunConfig:

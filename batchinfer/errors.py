@@ -72,6 +72,10 @@ class OutputConflictError(BatchInferError):
     """The output location holds a run with another configuration, or overlaps the input."""
 
 
+class OutputInUseError(OutputConflictError):
+    """Another run holds the output (its lock or lease); names that run."""
+
+
 class ValidationError(BatchInferError):
     """Merge-and-validate found a problem; names the shard and the check."""
 

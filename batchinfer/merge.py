@@ -22,7 +22,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchinfer import outputs
+from batchinfer import faults, outputlock, outputs
 from batchinfer.errors import BatchInferError
 from batchinfer.layout import Layout
 from batchinfer.pipeline import Plan, _read_column, find_done, manifest
@@ -59,6 +59,7 @@ class RunReport:
     failures: list[str] = field(default_factory=list)
     failed_shards: dict[str, str] = field(default_factory=dict)
     missing_keys: int = 0
+    damaged: list[str] = field(default_factory=list)  # shards whose file failed its check: marker removed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +74,12 @@ class _Invalid(Exception):
 
 
 def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = None) -> RunReport:
-    """Check every planned shard, write the merged parts, the manifest and `_SUCCESS`."""
+    """Check every planned shard, write the merged parts, the manifest and `_SUCCESS`.
+
+    A committed shard whose file fails its check loses its marker (`report.damaged`), so it is scored
+    again, by this run (the flow does) or the next. Nothing is committed unless the manifest and every
+    merged shard's marker still belong to this run.
+    """
     started = time.perf_counter()
     results = results or {}
     config, settings = plan.config, plan.settings
@@ -84,15 +90,25 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
     report.shards_skipped = len(plan.done)
     report.shards_run = sum(1 for r in results.values() if r.get("state") == "done")
 
+    versions = _marker_versions(storage, layout)  # before reading them: a later rewrite shows as a new version
     markers = find_done(storage, plan)
+    over = _over_error_policy(plan, markers)
+    markers = {k: v for k, v in markers.items() if k not in over}
     failed = [s for s in plan.shards if s.shard_id not in markers]
     for shard in failed:
-        reason = (results.get(shard.shard_id) or {}).get("error") or "no marker (not run or interrupted)"
+        reason = (
+            over.get(shard.shard_id)
+            or (results.get(shard.shard_id) or {}).get("error")
+            or "no marker (not run or interrupted)"
+        )
         report.failed_shards[shard.shard_id] = reason
         report.failures.append(
             f"shard {shard.shard_id} ({shard.partition_uri} rows {shard.row_start}+{shard.num_rows}): {reason}"
         )
     report.shards_failed = len(failed)
+    report.checks.append(
+        Check("error rows within --max-error-ratio", not over, f"{len(over)} shard(s) over it" if over else "")
+    )
     allowed = int(np.floor((1.0 - config.output.min_success_ratio) * len(plan.shards) + 1e-9))
     report.checks.append(
         Check(
@@ -102,23 +118,86 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
         )
     )
     if len(failed) > allowed:
-        return _finish(plan, storage, layout, report, results, started, state="failed")
+        return _finish(plan, storage, layout, report, results, started, state="failed", versions=versions)
 
     try:
         _check_input_unchanged(plan, in_storage, report)
         with ExitStack() as stack:
             written, copies = _write_parts(plan, markers, storage, in_storage, layout, report, stack)
+            faults.point("merge.validated")
+            _check_still_ours(plan, storage, layout, versions, markers)  # before any part is committed
         report.parts = len(written)
+        for shard_uri, part_uri in copies:  # only once every shard passed, like the parts written above
+            storage.copy(shard_uri, part_uri)
+        _remove_stale(plan, storage, layout, written)
+        if failed:
+            report.missing_keys = _record_missing(plan, failed, storage, in_storage, layout)
+        else:
+            storage.remove(Storage.join(layout.root, MISSING_KEYS))  # a partial result's list, now complete
     except _Invalid as exc:
         report.failures.insert(0, str(exc))
-        return _finish(plan, storage, layout, report, results, started, state="invalid")
-    for shard_uri, part_uri in copies:  # only once every shard passed, like the parts written above
-        storage.copy(shard_uri, part_uri)
-    _remove_stale(plan, storage, layout, written)
-    if failed:
-        report.missing_keys = _record_missing(plan, failed, storage, in_storage, layout)
+        return _finish(plan, storage, layout, report, results, started, state="invalid", versions=versions)
+    except BatchInferError as exc:  # a write failed (a full disk, say): the manifest says so, not "running"
+        report.failures.insert(0, str(exc))
+        _finish(plan, storage, layout, report, results, started, state="failed", versions=versions)
+        if exc.transient:
+            raise  # the task retries what may pass
+        return report
     report.ok = True
-    return _finish(plan, storage, layout, report, results, started, state="partial" if failed else "succeeded")
+    state = "partial" if failed else "succeeded"
+    return _finish(plan, storage, layout, report, results, started, state=state, versions=versions, merged=markers)
+
+
+MISSING_KEYS = "missing_keys.parquet"
+
+
+def _over_error_policy(plan: Plan, markers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Committed shards with more error rows than this run's --max-error-ratio allows (the policy is the
+    run's: a rerun with a stricter ratio holds every shard to it, not only those it scores)."""
+    ratio = plan.config.output.max_error_ratio
+    over = {}
+    for shard_id, marker in markers.items():
+        errors, rows = int(marker.get("rows_error") or 0), int(marker.get("rows_in") or 0)
+        if errors and errors / max(rows, 1) > ratio:
+            over[shard_id] = f"{errors} of {rows} rows cannot be scored (see errors/); --max-error-ratio is {ratio}"
+    return over
+
+
+def _marker_versions(storage: Storage, layout: Layout) -> dict[str, str]:
+    """Each marker's size and version tag, from one listing."""
+    if not storage.exists(layout.markers_dir):
+        return {}
+    return {
+        info.uri.rsplit("/", 1)[-1].removesuffix(".json"): f"{info.size}:{info.version}"
+        for info in storage.list_files(layout.markers_dir, suffix=".json")
+    }
+
+
+def _check_still_ours(
+    plan: Plan, storage: Storage, layout: Layout, versions: dict[str, str], markers: dict[str, dict[str, Any]]
+) -> None:
+    """The output is still this run's: the run's hold on it, the manifest it wrote at the start, and the
+    markers of the shards it merged, unchanged since it read them."""
+    try:
+        outputlock.verify(plan.run_id)
+    except BatchInferError as exc:
+        raise _Invalid(str(exc)) from None
+    try:
+        current = storage.read_json(layout.manifest)
+    except BatchInferError:
+        current = {}
+    if current and current.get("run_id") != plan.run_id:  # no manifest: no run has claimed the output
+        raise _Invalid(
+            f"{layout.manifest} was written by another run ({current.get('run_id') or 'unknown'}) while this one "
+            f"ran; nothing was marked as succeeded"
+        )
+    now = _marker_versions(storage, layout)
+    changed = sorted(k for k in markers if now.get(k) != versions.get(k))
+    if changed:
+        raise _Invalid(
+            f"shard {changed[0]}: its marker changed while this run merged it (another run wrote it); "
+            f"nothing was marked as succeeded"
+        )
 
 
 def _write_parts(
@@ -134,6 +213,8 @@ def _write_parts(
 
     A part made of one shard is that shard's file: it is returned as a (shard, part) pair to copy once
     every shard has passed, without decoding and encoding it again or writing its bytes a second time.
+    Once a shard fails its check no more parts are written, but the other shards are still checked, so
+    one run finds every damaged shard.
     """
     written: set[int] = set()
     copies: list[tuple[str, str]] = []
@@ -142,19 +223,27 @@ def _write_parts(
     for shard in plan.shards:
         if shard.shard_id in markers:
             by_partition.setdefault(shard.partition_index, []).append(shard)
+
+    def checked(shard: Shard) -> pa.Table | None:
+        try:
+            return _validated_shard(plan, shard, markers[shard.shard_id], storage, in_storage, layout, report, first)
+        except _Invalid as exc:
+            _forget_damaged(storage, layout, shard, str(exc), report)
+            return None
+
     for index, shards in sorted(by_partition.items()):
         if len(shards) == 1:
-            _validated_shard(plan, shards[0], markers[shards[0].shard_id], storage, in_storage, layout, report, first)
-            copies.append((layout.shard(shards[0].shard_id), layout.part(index)))
-            written.add(index)
+            if checked(shards[0]) is not None:
+                copies.append((layout.shard(shards[0].shard_id), layout.part(index)))
+                written.add(index)
             continue
         tmp = stack.enter_context(storage.atomic_local_file(layout.part(index), suffix=".parquet"))
         writer: pq.ParquetWriter | None = None
         try:
             for shard in shards:
-                table = _validated_shard(
-                    plan, shard, markers[shard.shard_id], storage, in_storage, layout, report, first
-                )
+                table = checked(shard)
+                if table is None or report.damaged:
+                    continue
                 if writer is None:
                     writer = open_writer(tmp, table.schema)
                 writer.write_table(table, row_group_size=65_536)
@@ -162,9 +251,23 @@ def _write_parts(
             if writer is not None:
                 writer.close()
         written.add(index)
+    if report.damaged:
+        damaged, more = report.damaged[0], len(report.damaged) - 1
+        also = f" (and {more} more shard(s))" if more else ""
+        raise _Invalid(f"{report.failed_shards[damaged]}; its marker was removed, so the shard is scored again{also}")
     for name in ("schema", "row counts", "keys match the input", "finite", f"{plan.settings.output.kind} outputs"):
         report.checks.append(Check(name, True))
     return written, copies
+
+
+def _forget_damaged(storage: Storage, layout: Layout, shard: Shard, reason: str, report: RunReport) -> None:
+    """A committed shard whose file fails its check is no longer done: its marker goes (data first,
+    marker last, undone the other way round), and it is scored again."""
+    storage.remove(layout.marker(shard.shard_id))
+    log.warning("%s; removed its marker so the shard is scored again", reason)
+    report.damaged.append(shard.shard_id)
+    report.failed_shards[shard.shard_id] = reason
+    report.shards_failed += 1
 
 
 def _validated_shard(
@@ -292,7 +395,7 @@ def _record_missing(plan: Plan, failed: list[Shard], storage: Storage, in_storag
         for s in failed
     ]
     series = pl.concat(keys) if keys else pl.Series(plan.settings.key_column, [])
-    uri = Storage.join(layout.root, "missing_keys.parquet")
+    uri = Storage.join(layout.root, MISSING_KEYS)
     with storage.atomic_local_file(uri, suffix=".parquet") as tmp:
         series.to_frame().write_parquet(tmp)
     return len(series)
@@ -307,7 +410,19 @@ def _finish(
     started: float,
     *,
     state: str,
+    versions: dict[str, str],
+    merged: dict[str, dict[str, Any]] | None = None,
 ) -> RunReport:
+    """Record the outcome in the manifest, then `_SUCCESS` if it passed; nothing at all if the output is no
+    longer this run's (another run's manifest is never overwritten)."""
+    report.seconds = round(time.perf_counter() - started, 3)
+    try:
+        _check_still_ours(plan, storage, layout, versions, merged or {})
+    except _Invalid as exc:
+        report.ok = False
+        report.failures.insert(0, str(exc))
+        log.error("merge-and-validate: %s", exc)
+        return report
     validation = {
         "ok": report.ok,
         "checks": [asdict(c) for c in report.checks],
@@ -321,6 +436,5 @@ def _finish(
     storage.write_json(layout.manifest, data)
     if report.ok:
         storage.write_bytes(layout.success, b"")
-    report.seconds = round(time.perf_counter() - started, 3)
     log.info("merge-and-validate: %s (%d rows out, %d error rows)", state, report.rows_out, report.rows_error)
     return report

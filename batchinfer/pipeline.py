@@ -10,7 +10,10 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import os
 import posixpath
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from batchinfer import devices, progress
+from batchinfer import devices, faults, progress
 from batchinfer.config import RunConfig, text_columns
 from batchinfer.devices import Device, configure_threads, discover, engine_assigned, limit_malloc_arenas
 from batchinfer.errors import (
@@ -31,6 +34,7 @@ from batchinfer.errors import (
 )
 from batchinfer.layout import Layout
 from batchinfer.models.base import ModelSpec, digest, resolve_model
+from batchinfer.models.hf import cache_root as hf_cache
 from batchinfer.outputs import OutputSpec
 from batchinfer.planning import (
     Partition,
@@ -42,7 +46,7 @@ from batchinfer.planning import (
     resolve_columns,
 )
 from batchinfer.runner import ShardSettings, ShardStats, is_done, read_marker, score_shard
-from batchinfer.storage import Storage
+from batchinfer.storage import Storage, remove_orphaned_temps
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class Plan:
     settings: ShardSettings
     devices: list[Device]
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def pending(self) -> list[Shard]:
@@ -123,9 +128,21 @@ def _norm(uri: str) -> str:
     return uri.rstrip("/")
 
 
+def _real(uri: str) -> str:
+    """Where a URI really points: local paths with every symbolic link followed (up to any glob)."""
+    uri = _norm(uri)
+    if "://" in uri:
+        return uri
+    cut = min((uri.index(ch) for ch in "*?[" if ch in uri), default=len(uri))
+    root = uri if cut == len(uri) else uri[:cut].rsplit("/", 1)[0]
+    return (os.path.realpath(root or "/") + uri[len(root) :]).rstrip("/") or "/"
+
+
 def check_locations(config: RunConfig) -> None:
-    """The output must not be, or lie inside, the input (and vice versa)."""
-    src, dst = _norm(config.input.uri), _norm(config.output.uri)
+    """The output must not be, or lie inside, the input (and vice versa), symbolic links followed; a local
+    output must be a folder or a place where one can be made."""
+    _check_output_folder(config.output.uri)
+    src, dst = _real(config.input.uri), _real(config.output.uri)
     src_root = src.split("*", 1)[0].rstrip("/")
     if dst == src_root or dst.startswith(src_root + "/"):
         raise OutputConflictError(
@@ -159,6 +176,81 @@ def check_shared_storage(config: RunConfig) -> None:
                 f"{flag} {uri} is a local path, but {where}: use storage every worker sees (s3://...), "
                 f"or file://{posixpath.abspath(uri)} if every worker mounts it at that path"
             )
+
+
+def _check_output_folder(uri: str) -> None:
+    path = _norm(uri)
+    if "://" in path:
+        return
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(
+            f"--output {uri} is a symbolic link to {os.readlink(path)}, which does not exist; "
+            f"create that folder or pick another output"
+        )
+    probe = path
+    while probe and not os.path.lexists(probe):
+        probe = posixpath.dirname(probe)
+    if probe and not os.path.isdir(probe):
+        raise ConfigError(f"--output {uri}: {probe} is a file, not a folder; pick another output")
+
+
+# Whoever runs a worker or `batchinfer serve` can restrict what runs may point at (flow-run parameters
+# come from anyone who can start a run in the UI): comma-separated prefixes in these variables.
+ALLOWED_ENV = {
+    "input": "BATCHINFER_ALLOWED_INPUT",
+    "output": "BATCHINFER_ALLOWED_OUTPUT",
+    "model": "BATCHINFER_ALLOWED_MODEL",
+}
+BUILT_IN_MODELS = ("mlp", "minilm")
+
+
+def runs_model_code(model: str) -> bool:
+    """Whether resolving `model` imports, loads or runs code of the model: all but the built-in models and
+    `hf:` directories, which are read as tensors and configuration."""
+    return not (model in BUILT_IN_MODELS or model.startswith("hf:"))
+
+
+def allowed_prefixes(kind: str) -> list[str] | None:
+    """The prefixes set for `kind` (input, output, model), or None when no restriction is set."""
+    value = os.environ.get(ALLOWED_ENV[kind])
+    if value is None:
+        return None
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def _under(uri: str, prefix: str, kind: str) -> bool:
+    """Whether `uri` lies at or under `prefix`: whole path segments, symbolic links and `..` resolved. For
+    models a prefix may also be a built-in name or a module prefix ending in '.' or ':'."""
+    if kind == "model" and "/" not in prefix:
+        return uri.startswith(prefix) if prefix.endswith((".", ":")) else uri == prefix
+    target, base = _real(uri), _real(prefix)
+    if "://" in target and ("/../" in target + "/" or "/./" in target + "/"):
+        return False  # object keys are literal: never let dots climb out of a prefix
+    return target == base or target.startswith(base.rstrip("/") + "/")
+
+
+def check_allowed(config: RunConfig) -> None:
+    """Refuse a run that points outside the prefixes set by BATCHINFER_ALLOWED_INPUT/OUTPUT/MODEL."""
+    checks = [
+        ("input", "--input", config.input.uri),
+        ("output", "--output", config.output.uri),
+        ("model", "--model", config.model.model),
+    ]
+    if config.model.checkpoint:
+        checks.append(("model", "--checkpoint", config.model.checkpoint))
+    for kind, name, value in checks:
+        prefixes = allowed_prefixes(kind)
+        if prefixes is None or any(_under(value, prefix, kind) for prefix in prefixes):
+            continue
+        shown = ", ".join(prefixes) or "nothing"
+        raise ConfigError(f"{name} {value} is not allowed here ({ALLOWED_ENV[kind]} allows {shown})")
+
+
+def check_targets(config: RunConfig) -> None:
+    """What a run may read and write, before it touches anything (the output's lock included): the allowed
+    prefixes, and an output apart from the input."""
+    check_allowed(config)
+    check_locations(config)
 
 
 def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tuple[list[str], str | None]:
@@ -262,10 +354,21 @@ def check_keys(storage: Storage, partitions: list[Partition], key_column: str) -
         keys = _read_column(storage, part.uri, key_column)
         mask = np.isin(keys.hash(seed=0).to_numpy(), suspects)
         for value in keys.filter(pl.Series(mask)).to_list():
-            if value in seen:
-                where = f"twice in {part.uri}" if seen[value] == part.uri else f"in {seen[value]} and {part.uri}"
+            identity = _key_identity(value)
+            if identity in seen:
+                where = f"twice in {part.uri}" if seen[identity] == part.uri else f"in {seen[identity]} and {part.uri}"
                 raise SchemaError(f"key column {key_column!r} is not unique: {value!r} appears {where}", uri=part.uri)
-            seen[value] = part.uri
+            seen[identity] = part.uri
+
+
+_NAN = ("nan",)
+
+
+def _key_identity(value: Any) -> Any:
+    """A key as uniqueness sees it: NaN equals NaN (as it does for the hash and for every join), -0.0 is 0.0."""
+    if isinstance(value, float):
+        return _NAN if math.isnan(value) else value + 0.0
+    return value
 
 
 def _read_column(storage: Storage, uri: str, column: str, row_groups: range | None = None) -> pl.Series:
@@ -310,7 +413,7 @@ def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) ->
     if not config.output.overwrite:
         raise OutputConflictError(
             f"--output {config.output.uri} holds a run with another configuration "
-            f"(model, columns or input differ); use --overwrite to replace it or pick a new output"
+            f"(model, batch size, columns or input differ); use --overwrite to replace it or pick a new output"
         )
     log.warning("overwriting the earlier run in %s", config.output.uri)
     for folder in (layout.shards_dir, layout.markers_dir, layout.errors_dir, layout.predictions_dir):
@@ -319,17 +422,26 @@ def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) ->
     storage.remove(layout.success)
 
 
-def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
-    """Validate everything that can be known up front and decide which shards need work."""
+def prepare(
+    config: RunConfig, *, check_existing: bool = True, run_model: bool = True, run_id: str | None = None
+) -> Plan:
+    """Validate everything that can be known up front and decide which shards need work.
+
+    With `run_model=False` (`batchinfer plan`) a model that is code (TorchScript, torch.export, ONNX, a
+    `module:factory`) is neither imported, loaded nor run: the columns are checked as the flags name them.
+    """
     limit_malloc_arenas()
-    check_locations(config)
+    check_targets(config)
     check_shared_storage(config)
     # A cluster given by address places shards on its own machines; their devices are found there.
     devices = [] if config.compute.remote else discover(config.compute.devices)
-    spec = model_spec(config)
+    spec = model_spec(config) if run_model or not runs_model_code(config.model.model) else None
     in_storage = Storage(config.input.uri, config.input.storage_options)
     partitions = list_partitions(in_storage, config.input.uri)
-    features, text_column = resolve_inputs(config, spec, partitions[0])
+    if spec is None:
+        features, text_column = declared_inputs(config, partitions[0])
+    else:
+        features, text_column = resolve_inputs(config, spec, partitions[0])
     check_schemas(
         partitions,
         key_column=config.input.key_column,
@@ -338,8 +450,10 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
         passthrough=list(config.input.passthrough),
     )
     shards = plan_shards(partitions, config.compute.shard_rows)
-    output = output_spec(config, spec)
-    model_fingerprint = digest(spec.fingerprint, json.dumps([features, text_column, output.to_dict()]))
+    output = output_spec(config, spec) if spec else OutputSpec()
+    fingerprint = spec.fingerprint if spec else "not loaded"
+    model_fingerprint = digest(fingerprint, json.dumps([features, text_column, output.to_dict()]))
+    run_id = run_id or uuid.uuid4().hex
     settings = ShardSettings(
         output_uri=config.output.uri.rstrip("/"),
         key_column=config.input.key_column,
@@ -352,8 +466,9 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
         output_fingerprint=config.output_fingerprint(),
         storage_options=config.input.storage_options,
         output=output,
+        run_id=run_id,
     )
-    plan = Plan(config, partitions, shards, settings, devices)
+    plan = Plan(config, partitions, shards, settings, devices, run_id=run_id)
     if check_existing:
         check_keys_once(in_storage, partitions, config.input.key_column)
         out = Storage(config.output.uri, config.input.storage_options)
@@ -362,22 +477,43 @@ def prepare(config: RunConfig, *, check_existing: bool = True) -> Plan:
     return plan
 
 
+def declared_inputs(config: RunConfig, first: Partition) -> tuple[list[str], str | None]:
+    """The model's input columns as the flags name them, for a model whose code must not run."""
+    if config.input.features:
+        return resolve_columns(config.input.features, first), None
+    return [], config.input.text_column
+
+
 def find_done(storage: Storage, plan: Plan) -> dict[str, dict[str, Any]]:
-    """Markers that prove a planned shard is done with this model and these settings."""
+    """Markers that prove a planned shard is done with this model and these settings, and whose data is there."""
     layout = Layout(plan.settings.output_uri)
     present = {name.removesuffix(".json") for name in storage.list_names(layout.markers_dir)}
+    files = set(storage.list_names(layout.shards_dir)) if present else set()
     done = {}
     for shard in plan.shards:
         if shard.shard_id in present:
             marker = read_marker(storage, plan.settings.output_uri, shard.shard_id)
-            if is_done(marker, shard, plan.settings):
-                done[shard.shard_id] = marker  # type: ignore[assignment]
+            if not is_done(marker, shard, plan.settings):
+                continue
+            if f"{shard.shard_id}.parquet" not in files:
+                log.warning("shard %s has a marker but its file is gone; it is scored again", shard.shard_id)
+                continue
+            done[shard.shard_id] = marker  # type: ignore[assignment]
     return done
+
+
+def rescore(plan: Plan, shard_ids: list[str]) -> list[Shard]:
+    """The planned shards `shard_ids`, no longer counted as done: to be scored again in this run."""
+    for shard_id in shard_ids:
+        plan.done.pop(shard_id, None)
+    wanted = set(shard_ids)
+    return [s for s in plan.shards if s.shard_id in wanted]
 
 
 def start_run(plan: Plan) -> None:
     """Before any shard runs: the output is no longer a finished result; record the run; clean temps."""
     devices.resume()  # a process that stopped an earlier run may run again
+    faults.point("startup")
     storage = Storage(plan.settings.output_uri, plan.config.input.storage_options)
     layout = Layout(plan.settings.output_uri)
     storage.remove(layout.success)
@@ -385,6 +521,9 @@ def start_run(plan: Plan) -> None:
         removed = storage.remove_stale_temps(folder)
         if removed:
             log.info("removed %d temporary file(s) left in %s by an interrupted attempt", removed, folder)
+    orphans = remove_orphaned_temps() + remove_orphaned_temps(str(hf_cache()))
+    if orphans:
+        log.info("removed %d temporary file(s) that killed processes left in the system's temp folder", orphans)
     storage.write_json(layout.manifest, manifest(plan, state="running"))
     progress.emit(progress.Event("plan", total_rows=plan.total_rows, total_shards=len(plan.shards)))
     for shard_id in plan.done:
@@ -433,6 +572,7 @@ def manifest(
     return {
         "version": MANIFEST_VERSION,
         "state": state,
+        "run_id": plan.run_id,
         "config": plan.config.redacted(),
         "model_fingerprint": plan.settings.model_fingerprint,
         "output_fingerprint": plan.settings.output_fingerprint,

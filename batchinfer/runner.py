@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from batchinfer import devices, outputs, progress
+from batchinfer import devices, faults, outputs, progress
 from batchinfer.compat import is_fatal_device_error, is_out_of_memory
 from batchinfer.config import OUTPUT_COMPRESSION, text_columns
 from batchinfer.devices import WORKERS, Device, DeviceWorkers, hold_device, stopping
@@ -71,6 +71,7 @@ class ShardSettings:
     output_fingerprint: str
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     output: outputs.OutputSpec = field(default_factory=outputs.OutputSpec)
+    run_id: str = field(default="", compare=False)  # the run that commits a shard, recorded in its marker
 
     @property
     def text_columns(self) -> list[str]:
@@ -176,6 +177,7 @@ def score_shard(
             _raise_device_lost(shard, device, devices, why, broken(), exc)
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
+        faults.point("commit.data")
         _write_marker(shard, settings, spec, stats, storage)
     progress.emit(progress.Event("shard_done", shard.shard_id, rows=stats.rows_in))
     log.info(
@@ -269,6 +271,7 @@ def _score_and_commit(
             previous: _Launched | None = None
             for chunk in prefetch(chunks):
                 _stop_if_asked(shard.shard_id)
+                faults.point("scoring")
                 launched = _launch_chunk(chunk, settings, spec, predictor, device, batch)
                 if previous is not None:
                     finish(previous)
@@ -734,6 +737,7 @@ def _write_marker(shard: Shard, settings: ShardSettings, spec: ModelSpec, stats:
         "shard": shard.to_dict(),
         "model_fingerprint": settings.model_fingerprint,
         "output_fingerprint": settings.output_fingerprint,
+        "run_id": settings.run_id,
         "output": layout.shard(shard.shard_id),
         "errors": layout.errors(shard.shard_id) if stats.rows_error else None,
     }

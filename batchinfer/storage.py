@@ -8,11 +8,14 @@ same folder and renamed; object stores receive one PUT of a finished file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
 import posixpath
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -22,6 +25,8 @@ from typing import IO, Any
 
 from fsspec.core import url_to_fs
 
+from batchinfer import faults
+from batchinfer.config import resolve_references, scrub
 from batchinfer.errors import InputError, StorageError, TransientStorageError
 
 log = logging.getLogger(__name__)
@@ -60,8 +65,31 @@ def is_transient(exc: BaseException) -> bool:
     return any(word in text for word in _TRANSIENT_WORDS)
 
 
+# Errors that say the disk (or quota) is full or cannot take writes: never transient, always worth the path.
+_DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EFBIG: "file too large",
+}
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """What a write error says about the disk ("no space left on device"), or None when it is about something else."""
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        return _DISK_ERRNOS[exc.errno]
+    text = str(exc).lower()
+    for code, reason in _DISK_ERRNOS.items():
+        if f"errno {code}]" in text or reason in text:
+            return reason
+    return None
+
+
 def storage_error(exc: BaseException, uri: str, action: str) -> StorageError | InputError:
     """Turn a filesystem exception into one of ours with a line naming the URI."""
+    disk = disk_error(exc) if action == "writing" else None
+    if disk:
+        return StorageError(f"writing {uri} failed: {disk}", uri=uri)
     if is_transient(exc):
         return TransientStorageError(f"{action} {uri} failed (transient): {_short(exc)}", uri=uri)
     if isinstance(exc, FileNotFoundError):
@@ -101,7 +129,52 @@ def _bucket(uri: str) -> str:
 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
+    return scrub(text)[:300]
+
+
+# Temporary files in the system's temp folder carry their process and host, so a later run can tell the
+# ones a killed process left (its pid gone on this host) from those of a live one.
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_SYSTEM_TEMP = re.compile(r"^batchinfer-(\d+)-([0-9a-f]{8})-")
+
+
+def temp_prefix(kind: str = "") -> str:
+    """The name prefix for this process's files in the system's temp folder."""
+    return f"batchinfer-{os.getpid()}-{_HOST_TAG}-{kind}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphaned_temps(folder: str | None = None) -> int:
+    """Delete what killed processes of this host left in the system's temp folder; return how many."""
+    folder = folder or tempfile.gettempdir()
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        match = _SYSTEM_TEMP.match(name)
+        if not match or match.group(2) != _HOST_TAG or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+            removed += 1
+        except OSError:  # another user's, or gone already
+            continue
+    return removed
 
 
 def _strip_protocol(uri: str) -> str:
@@ -121,7 +194,9 @@ class Storage:
     """One filesystem plus the storage options used to reach it."""
 
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
-        self.options = dict(storage_options or {})
+        # References ({"$env": NAME}, {"$secret": NAME}) are read here, where the storage is opened, so the
+        # values never travel in parameters.
+        self.options = resolve_references(dict(storage_options or {}))
         self.fs, _ = url_to_fs(_strip_protocol(uri), **self.options)
         self.protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         self.is_local = self.protocol in ("file", "local")
@@ -249,21 +324,40 @@ class Storage:
     # -- writing ------------------------------------------------------------
     @contextmanager
     def atomic_local_file(self, uri: str, suffix: str = "") -> Iterator[str]:
-        """Yield a local temp path; on success it becomes `uri` in one step, else it is removed."""
-        if self.is_local:
-            target = self.path(uri)
-            folder = posixpath.dirname(target)
-            os.makedirs(folder, exist_ok=True)
-            tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{suffix}")
-        else:
-            fd, tmp = tempfile.mkstemp(prefix="batchinfer-", suffix=suffix)
-            os.close(fd)
+        """Yield a local temp path; on success it becomes `uri` in one step, else it is removed.
+
+        A full disk (or quota) while the caller writes the temp file is reported with `uri`'s path.
+        """
         try:
-            yield tmp
             if self.is_local:
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(tmp, target)
+                target = self.path(uri)
+                folder = posixpath.dirname(target)
+                os.makedirs(folder, exist_ok=True)
+                tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{suffix}")
+            else:
+                fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix)
+                os.close(fd)
+        except OSError as exc:
+            raise storage_error(exc, uri, "writing") from exc
+        try:
+            try:
+                yield tmp
+            except OSError as exc:
+                disk = disk_error(exc)
+                if disk and not self.is_local:  # the local disk under the temporary copy, not the store
+                    where = posixpath.dirname(tmp)
+                    raise StorageError(f"writing {uri} failed: {disk} for its temporary copy in {where}") from exc
+                if disk:
+                    raise storage_error(exc, uri, "writing") from exc
+                raise
+            faults.point(f"rename:{posixpath.basename(posixpath.dirname(uri.rstrip('/')))}/{posixpath.basename(uri)}")
+            if self.is_local:
+                try:
+                    with open(tmp, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                    os.replace(tmp, target)
+                except OSError as exc:
+                    raise storage_error(exc, uri, "writing") from exc
                 _fsync_dir(folder)
             else:
                 try:
@@ -293,12 +387,15 @@ class Storage:
         tmp = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}{posixpath.splitext(target)[1]}")
         try:
             try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, target)
+                try:
+                    os.link(source, tmp)
+                except OSError:
+                    shutil.copyfile(source, tmp)
+                    with open(tmp, "rb+") as handle:
+                        os.fsync(handle.fileno())
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise storage_error(exc, dst_uri, "writing") from exc
             _fsync_dir(folder)
         finally:
             if os.path.lexists(tmp):
@@ -321,6 +418,62 @@ class Storage:
         except Exception as exc:  # noqa: BLE001
             raise storage_error(exc, uri, "removing") from exc
 
+    # -- conditional writes (object stores: S3's If-None-Match / If-Match) ----------------
+    def create_new(self, uri: str, data: bytes) -> str | None:
+        """Write `uri` only if nothing is there; the new object's version tag, or None when one exists."""
+        try:
+            out = self.fs.pipe_file(self.path(uri), data, mode="create")
+        except FileExistsError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            if _precondition_failed(exc):
+                return None
+            raise storage_error(exc, uri, "writing") from exc
+        return _etag(out)
+
+    def replace_if(self, uri: str, data: bytes, version: str) -> str | None:
+        """Overwrite `uri` only while its version tag is `version`; the new tag, or None when it changed."""
+        bucket, key, _ = self.fs.split_path(self.path(uri))
+        try:
+            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{version}"')
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            if _precondition_failed(exc):
+                return None
+            raise storage_error(exc, uri, "writing") from exc
+        self.fs.invalidate_cache(self.path(uri))
+        return _etag(out)
+
+    def remove_if(self, uri: str, version: str) -> bool:
+        """Delete `uri` only while its version tag is `version`; False when it changed or is gone."""
+        bucket, key, _ = self.fs.split_path(self.path(uri))
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{version}"')
+        except FileNotFoundError:
+            return False
+        except Exception as exc:  # noqa: BLE001
+            if _precondition_failed(exc):
+                return False
+            raise storage_error(exc, uri, "removing") from exc
+        self.fs.invalidate_cache(self.path(uri))
+        return True
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """An object's bytes and its version tag as read just before them, or None when it does not exist.
+
+        The bytes may be newer than the tag: a conditional write with that tag then fails, as it should.
+        """
+        path = self.path(uri)
+        try:
+            self.fs.invalidate_cache(path)
+            version = self._file_info(self.fs.info(path)).version
+            return self.fs.cat_file(path), version
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "reading") from exc
+
     def remove_stale_temps(self, folder_uri: str) -> int:
         """Delete temporary files a killed attempt left behind; return how many."""
         if not self.is_local:
@@ -331,6 +484,22 @@ class Storage:
                 self.remove(self.join(folder_uri, name))
                 removed += 1
         return removed
+
+
+def _etag(response: Any) -> str:
+    tag = response.get("ETag", "") if isinstance(response, dict) else ""
+    return str(tag).strip('"')
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether the store refused a conditional request because its condition did not hold (HTTP 412/409)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        error = (getattr(seen, "response", None) or {}).get("Error", {})
+        if error.get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return True
+        seen = seen.__cause__
+    return "pre-conditions you specified did not hold" in str(exc)
 
 
 def _fsync_dir(folder: str) -> None:

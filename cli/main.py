@@ -157,6 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="default model (sets model.model)")
     serve.add_argument("--checkpoint", help="default checkpoint (sets model.checkpoint)")
     serve.add_argument("--limit", type=_int(), default=None, help="most flow runs at once (default: no limit)")
+    for kind, what in (("input", "inputs"), ("output", "outputs"), ("model", "models and checkpoints")):
+        serve.add_argument(
+            f"--allow-{kind}",
+            action="append",
+            default=None,
+            metavar="PREFIX",
+            help=f"runs may read {what} only under PREFIX (repeatable; a path, s3://bucket/prefix/"
+            + (", a built-in model name or a module prefix such as mypackage.models." if kind == "model" else "")
+            + ")",
+        )
     serve.add_argument("--verbose", "-v", action="store_true")
     return parser
 
@@ -178,12 +188,18 @@ def config_from_args(args: argparse.Namespace, *, output: str | None = None) -> 
 
 def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | None = None) -> dict[str, Any]:
     """Check what can be checked without Prefect, then run the flow in this process."""
-    check_up_front(config)  # bad input fails here, before a server starts
+    from batchinfer.config import uses_secret_blocks
+
+    needs_prefect = uses_secret_blocks(config.storage_options)  # Secret blocks are read through Prefect's API
+    if not needs_prefect:
+        check_up_front(config)  # bad input fails here, before a server starts
     quiet_prefect(verbose)
     from flows.batch_inference import batch_inference
 
     started = time.perf_counter()
     with prefect_api(), _progress_bar(show_progress), _quiet_console(verbose):
+        if needs_prefect:
+            check_up_front(config)
         state = batch_inference(**config.parameters(), return_state=True)
     seconds = time.perf_counter() - started
     if state.is_completed():
@@ -212,54 +228,106 @@ def prefect_api() -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     updates: dict[Any, Any] = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-    if not PREFECT_API_URL.value():
+    if PREFECT_API_URL.value():
+        check_api(PREFECT_API_URL.value())
+    else:
         from prefect.server.api.server import SubprocessASGIServer
 
+        # The watchdog starts first: a kill while the server starts up must not leave it running either.
+        watchdog = _end_with_this_process()
         server = SubprocessASGIServer()
         server.start()  # stopped when this process exits (Prefect's atexit)
-        _end_with_this_process(server.server_process.pid)
+        watchdog(server.server_process.pid)
         os.environ["PREFECT_API_URL"] = server.api_url
         updates[PREFECT_API_URL] = server.api_url
     with temporary_settings(updates=updates):
         yield
 
 
-# Waits for EOF on stdin, the read end of a pipe whose write end only the parent holds, then ends `pid`.
+def check_api(url: str) -> None:
+    """Refuse at once, in one line, when PREFECT_API_URL names a server that does not answer."""
+    from prefect.client.orchestration import get_client
+
+    from batchinfer.config import scrub
+
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        reason = str(problem).strip().splitlines()[0][:200] if str(problem).strip() else type(problem).__name__
+        raise ConfigError(
+            f"the Prefect API at {scrub(url)} does not answer ({scrub(reason)}); start that server, "
+            f"or unset PREFECT_API_URL to run on an embedded one"
+        )
+
+
+# Waits for EOF on stdin, the read end of a pipe whose write end only the parent holds, then ends the
+# processes it was told of (one pid a line) and, where /proc exists, every process whose environment holds
+# its token: the parent's children started after the watchdog, even those whose pid it never learnt.
 _WATCHDOG = """
 import os, signal, sys, time
-pid = int(sys.argv[1])
-sys.stdin.buffer.read()
+token = sys.argv[1].encode()
+pids = {int(line) for line in sys.stdin.buffer.read().split() if line.isdigit()}
+def marked():
+    found = set()
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as handle:
+                    if token in handle.read().split(b"\\0"):
+                        found.add(int(entry))
+            except OSError:
+                pass
+    return found
+targets = pids | marked()
 for sig in (signal.SIGTERM, signal.SIGKILL):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        break
-    for _ in range(50):
-        time.sleep(0.1)
+    for pid in list(targets):
         try:
-            os.kill(pid, 0)
+            os.kill(pid, sig)
         except ProcessLookupError:
+            targets.discard(pid)
+    for _ in range(50):
+        if not targets:
             sys.exit(0)
+        time.sleep(0.1)
+        for pid in list(targets):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                targets.discard(pid)
 """
+_WATCHDOG_ENV = "BATCHINFER_WATCHED_BY"
 _watchdog_pipes: list[int] = []
 
 
-def _end_with_this_process(pid: int) -> None:
-    """End process `pid` (the embedded server) when this process is gone, even SIGKILLed, when atexit never runs.
+def _end_with_this_process() -> Callable[[int], None]:
+    """End the processes this one starts from now on (the embedded server) when it is gone, even SIGKILLed,
+    when atexit never runs. Returns a function that names a process to the watchdog by pid.
 
     A tiny watchdog holds the read end of a pipe; the kernel closes the write end when this process dies,
-    however it dies, and the watchdog then stops the server instead of leaving it running as an orphan.
+    however it dies, and the watchdog then stops what this process started instead of leaving it running as
+    an orphan. Children inherit a token in their environment, so one started but not yet named is found too.
     """
+    import secrets
     import subprocess
 
+    token = f"{_WATCHDOG_ENV}={os.getpid()}-{secrets.token_hex(8)}"
     read, write = os.pipe()
-    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pid)], stdin=read, start_new_session=True)
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, token], stdin=read, start_new_session=True)
     os.close(read)
     _watchdog_pipes.append(write)  # never closed here: it closes with the process
+    name, value = token.split("=", 1)
+    os.environ[name] = value
+
+    def watch(pid: int) -> None:
+        os.write(write, f"{pid}\n".encode())
+
+    return watch
 
 
 def check_up_front(config: RunConfig) -> None:
-    """Everything a run can reject without scoring: parameters, files, schemas, keys, the model, the output."""
+    """Everything a run can reject without scoring: parameters, files, schemas, keys, the model, the output
+    (another run holding it, or holding another run's results)."""
+    from batchinfer.outputlock import check_free
     from batchinfer.pipeline import check_keys_once, check_output, prepare
     from batchinfer.storage import Storage
 
@@ -267,6 +335,7 @@ def check_up_front(config: RunConfig) -> None:
     check_keys_once(Storage(config.input.uri, config.storage_options), plan.partitions, config.input.key_column)
     out = Storage(config.output.uri, config.storage_options)
     out.require_bucket(config.output.uri, "--output")
+    check_free(config.output.uri, config.storage_options)
     if not config.output.overwrite:  # with --overwrite the flow replaces the old run; nothing is removed here
         check_output(out, config, plan.settings.model_fingerprint)
 
@@ -374,7 +443,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from batchinfer.pipeline import prepare
 
-    plan = prepare(config_from_args(args, output="/nonexistent-plan-only"), check_existing=False)
+    # Models are code: the plan is made without importing, loading or running one (only the built-in
+    # models' files, which are data, are read).
+    plan = prepare(config_from_args(args, output="/nonexistent-plan-only"), check_existing=False, run_model=False)
     print(f"{len(plan.partitions)} partitions, {len(plan.shards)} shards, {plan.total_rows:,} rows")
     for index, part in enumerate(plan.partitions):
         print(f"partition {index:05d} {part.uri}: {part.num_rows:,} rows, {len(part.row_groups)} row groups")
@@ -423,9 +494,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         print(f"{shard['shard_id']}  {state:<8} {shard['num_rows']:>10,} rows  {shard['partition_uri']}  {detail}")
     success = storage.exists(layout.success)
+    state = data.get("state")
+    if state == "running":
+        from batchinfer.outputlock import holder
+
+        held = holder(args.output, options)
+        state = f"running ({held})" if held else "interrupted (no run holds the output; rerun to finish)"
     print(
-        f"{done}/{len(data.get('shards', []))} shards done; run state: {data.get('state')}; "
-        f"_SUCCESS {'present' if success else 'absent'}"
+        f"{done}/{len(data.get('shards', []))} shards done; run state: {state}; _SUCCESS {'present' if success else 'absent'}"
     )
     return EXIT_OK
 
@@ -436,7 +512,9 @@ def recorded_config(recorded: dict[str, Any], options: dict[str, Any]) -> RunCon
         flat = {flat_name(g, f): v for g in GROUPS for f, v in (recorded.get(g) or {}).items()}
     else:  # a manifest written before the config had groups
         flat = {k: v for k, v in recorded.items() if k in FLAT_FIELDS}
-    kept = {k: v for k, v in (flat.get("storage_options") or {}).items() if v != "***"}
+    from batchinfer.config import release_secrets
+
+    kept = release_secrets(flat.get("storage_options") or {})  # masked values dropped, at any depth
     flat["storage_options"] = {**kept, **options}
     return make_config(**flat)
 
@@ -532,7 +610,32 @@ def serve_parameters(args: argparse.Namespace) -> dict[str, Any]:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in (group, *error["loc"]))
             raise ConfigError(f"--params: {where}: {error['msg']}") from None
+    _refuse_clear_credentials(params)
     return params
+
+
+def _refuse_clear_credentials(params: dict[str, Any]) -> None:
+    """A deployment's parameters are stored by the server and shown in its UI: no credential in clear."""
+    from batchinfer.config import clear_credentials
+
+    found = clear_credentials((params.get("input") or {}).get("storage_options") or {})
+    if found:
+        raise ConfigError(
+            f"--params: input.storage_options.{found[0]} would be stored in clear in the deployment; name an "
+            'environment variable ({"$env": "NAME"}) or a Prefect Secret block ({"$secret": "NAME"}) instead'
+        )
+
+
+def allow_prefixes(args: argparse.Namespace) -> None:
+    """`--allow-*` become the environment every flow run of this process inherits (checked by each run)."""
+    from batchinfer.config import absolute_uri
+    from batchinfer.pipeline import ALLOWED_ENV
+
+    for kind, variable in ALLOWED_ENV.items():
+        prefixes = getattr(args, f"allow_{kind}", None)
+        if prefixes:
+            paths = [p if kind == "model" and "/" not in p else absolute_uri(p) for p in prefixes]
+            os.environ[variable] = ",".join(paths)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -542,11 +645,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.cron and missing:
         # Scheduled runs get only the deployment's defaults: without these groups each would fail.
         raise ConfigError(f"--cron needs default {', '.join(missing)} (--input, --model, --output or --params)")
+    allow_prefixes(args)
     quiet_prefect(args.verbose)
     from prefect.schedules import Cron
+    from prefect.settings import PREFECT_API_URL
     from prefect.types.entrypoint import EntrypointType
 
     from flows.batch_inference import batch_inference
+
+    if PREFECT_API_URL.value():
+        check_api(PREFECT_API_URL.value())
 
     if args.cron:
         try:
@@ -641,7 +749,9 @@ def _fail(line: str, verbose: bool) -> None:
         import traceback
 
         traceback.print_exc()
-    print(" ".join(line.split()), file=sys.stderr)  # always one line, whatever a library put in the message
+    from batchinfer.config import scrub
+
+    print(scrub(" ".join(line.split())), file=sys.stderr)  # always one line, whatever a library put in it
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ from prefect.utilities.annotations import unmapped
 
 from batchinfer.config import ComputeConfig, InputConfig, ModelConfig, OutputConfig, RunConfig
 from batchinfer.merge import RunReport
-from batchinfer.pipeline import Plan
+from batchinfer.outputlock import hold_output
+from batchinfer.pipeline import Plan, check_targets, rescore
+from batchinfer.planning import Shard
 from batchinfer.runner import stop_shards
 from flows.engines import one_gpu_per_shard, task_runner
 from tasks.shards import infer_shard, merge_run, plan_run
@@ -54,21 +56,22 @@ def core_logs_in_run_log() -> Iterator[None]:
         core.setLevel(previous)
 
 
-def score_shards(plan: Plan) -> dict[str, dict[str, Any]]:
+def score_shards(plan: Plan, pending: list[Shard] | None = None) -> dict[str, dict[str, Any]]:
     """Map `infer_shard` over the pending shards on the run's task runner; a failed shard does not stop the rest."""
     logger = get_run_logger()
+    pending = plan.pending if pending is None else pending
     results: dict[str, dict[str, Any]] = {}
     progress = create_progress_artifact(_percent(plan, results), key="batchinfer-progress", description="Shards")
     parameters = {
         "config": unmapped(plan.config),
         "settings": unmapped(plan.settings),
-        "shard": plan.pending,
+        "shard": pending,
         "run": unmapped(f"flow run {flow_run.name}"),
     }
     with task_runner(plan.config, len(plan.devices)) as runner, stopped_on_interrupt():
         with one_gpu_per_shard(plan.config, runner):
             futures = runner.map(infer_shard, parameters)
-        shards = {future.task_run_id: shard for future, shard in zip(futures, plan.pending, strict=True)}
+        shards = {future.task_run_id: shard for future, shard in zip(futures, pending, strict=True)}
         shown = _percent(plan, results)
         for future in as_completed(futures):
             shard = shards[future.task_run_id]
@@ -172,8 +175,14 @@ def batch_inference(
         compute: Devices, batch size, shard size and the engine that runs the shards.
     """
     started = time.perf_counter()
-    with core_logs_in_run_log():
-        plan = plan_run(RunConfig.from_parameters(input, model, compute, output))
+    config = RunConfig.from_parameters(input, model, compute, output)
+    check_targets(config)  # a refused run writes nothing, not even the output's lock
+    # One run at a time per output, from before the plan until after `_SUCCESS`.
+    with (
+        core_logs_in_run_log(),
+        hold_output(config.output.uri, config.storage_options, run=f"flow run {flow_run.name!r}") as lock,
+    ):
+        plan = plan_run(config, lock.run_id)
         get_run_logger().info(
             "%d partitions, %d shards (%d already done), %d rows, %d device(s): %s; engine %s",
             len(plan.partitions),
@@ -186,6 +195,9 @@ def batch_inference(
         )
         results = score_shards(plan) if plan.pending else {}
         report = merge_run(plan, results)
+        if report.damaged:  # committed shards whose files failed their check lost their markers: score them again
+            results.update(score_shards(plan, rescore(plan, report.damaged)))
+            report = merge_run(plan, results)
         publish(plan, results, report)
         if not report.ok:
             return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]

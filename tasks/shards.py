@@ -21,6 +21,7 @@ from batchinfer.pipeline import Plan, prepare, run_shard, start_run
 from batchinfer.planning import Shard
 from batchinfer.runner import ShardSettings
 from batchinfer.storage import is_transient
+from tasks import secrets  # noqa: F401 - Secret-block references resolve in every process that runs these tasks
 
 GPU_TAG = "gpu"
 
@@ -39,9 +40,9 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 @task(
     name="plan-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_transient
 )
-def plan_run(config: RunConfig) -> Plan:
+def plan_run(config: RunConfig, run_id: str | None = None) -> Plan:
     """List partitions, check the input, plan shards, find the ones already done, and record the run."""
-    plan = prepare(config)
+    plan = prepare(config, run_id=run_id)
     start_run(plan)
     return plan
 

@@ -423,9 +423,15 @@ def _scripted(path: Path, width: int) -> Path:
     return path
 
 
+def _run_exported(data: dict, tmp_path: Path, model: Path, features: str) -> list[str]:
+    """`batchinfer run` with an exported model: its check runs before Prefect starts (`plan` runs no model)."""
+    out = str(tmp_path / "out")
+    return ["run", "--input", data["good"], "--output", out, "--model", str(model), "--features", features, *CLASSIFIER]
+
+
 def test_torchscript_file_that_does_not_match_the_features(data, tmp_path, capsys):
     model = _scripted(tmp_path / "linear8.pt", 8)
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(model), "--features", "f*", *CLASSIFIER)
+    line = refused(capsys, *_run_exported(data, tmp_path, model, "f*"))
     assert line == (
         f"{model} does not accept a [rows, 64] float32 input as --features declares "
         "(RuntimeError: mat1 and mat2 shapes cannot be multiplied (2x64 and 8x3))"
@@ -445,7 +451,7 @@ def test_torch_export_file_that_does_not_match_the_features(data, tmp_path, caps
     program = torch.export.export(torch.nn.Linear(8, 3), (torch.zeros(2, 8),))
     path = tmp_path / "linear8.pt2"
     torch.export.save(program, str(path))
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f*", *CLASSIFIER)
+    line = refused(capsys, *_run_exported(data, tmp_path, path, "f*"))
     assert line == (
         f"{path} does not accept a [rows, 64] float32 input as --features declares (Guard failed: input.size()[1] == 8)"
     )
@@ -456,7 +462,7 @@ def test_torch_export_file_with_a_fixed_batch_size(data, tmp_path, capsys):
     program = torch.export.export(torch.nn.Linear(8, 3), (torch.zeros(2, 8),))
     path = tmp_path / "batch2.pt2"
     torch.export.save(program, str(path))
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f0[0-7]", *CLASSIFIER)
+    line = refused(capsys, *_run_exported(data, tmp_path, path, "f0[0-7]"))
     assert line == (
         f"{path} does not accept a [rows, 8] float32 input as --features declares (Guard failed: input.size()[0] == 2)"
     )
@@ -465,7 +471,7 @@ def test_torch_export_file_with_a_fixed_batch_size(data, tmp_path, capsys):
 def test_model_file_that_is_not_a_model(data, tmp_path, capsys):
     path = tmp_path / "model.pt2"
     path.write_bytes(b"not a model at all")
-    line = refused(capsys, "plan", "--input", data["good"], "--model", str(path), "--features", "f*")
+    line = refused(capsys, *_run_exported(data, tmp_path, path, "f*"))
     assert line.startswith(f"{path} is not a loadable torch.export program (")
 
 
@@ -630,7 +636,7 @@ def test_s3_output_not_writable(data, s3_with_auth, capsys):
     code, line = cli(capsys, *mlp_args(data, "s3://data/in", "s3://data/out", "--storage-options", options))
     assert code == EXIT_BAD_INPUT
     assert line == (
-        "batchinfer: error: writing s3://data/out/manifest.json failed: access denied "
+        "batchinfer: error: writing s3://data/out/.batchinfer.lock failed: access denied "
         "(the credentials lack permission for it)"
     )
     admin = json.loads(s3_with_auth("admin"))
@@ -737,7 +743,7 @@ def test_output_holding_another_run_is_refused_unless_overwrite(data, tmp_path, 
 
     line = refused(capsys, *mlp_args(data, one_file, str(out), "--passthrough", "f00"))
     assert line == (
-        f"--output {out} holds a run with another configuration (model, columns or input differ); "
+        f"--output {out} holds a run with another configuration (model, batch size, columns or input differ); "
         f"use --overwrite to replace it or pick a new output"
     )
     assert tree_digest(out) == before, "a refused run changed committed output"

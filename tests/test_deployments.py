@@ -390,6 +390,51 @@ def test_ui_retry_of_a_failed_run_reruns_only_the_failed_shard(stack, deployed, 
     assert (output / "_SUCCESS").exists()
 
 
+@server
+def test_served_runs_may_point_only_under_the_allowed_prefixes(stack, tabular, tmp_path):
+    """Anyone who can start a run in the UI chooses its paths and model; `batchinfer serve --allow-*` bounds
+    them, and every run of the deployment is checked against the bounds in its own process."""
+    from prefect.exceptions import ObjectNotFound
+
+    from tests.prefect_stack import BATCHINFER
+
+    allowed = tmp_path / "allowed"
+    argv = [
+        BATCHINFER, "serve", "--name", "restricted",
+        "--allow-input", tabular["input"], "--allow-output", str(allowed),
+        "--allow-model", "mlp", "--allow-model", str(Path(tabular["checkpoint"]).parent),
+    ]  # fmt: skip
+    proc = stack.start("serve-restricted", argv)
+    try:
+        with stack.client() as client:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    restricted = deployment(client, "restricted")
+                    break
+                except ObjectNotFound:
+                    assert proc.poll() is None, stack.tail("serve-restricted")
+                    assert time.monotonic() < deadline, stack.tail("serve-restricted")
+                    time.sleep(0.5)
+            outside = client.create_flow_run_from_deployment(
+                restricted.id, parameters=run_params(tabular, tmp_path / "outside")
+            )
+            inside = client.create_flow_run_from_deployment(
+                restricted.id, parameters=run_params(tabular, allowed / "out")
+            )
+            outside = stack.wait_for_run(client, outside.id, logs=("serve-restricted",))
+            inside = stack.wait_for_run(client, inside.id, logs=("serve-restricted",))
+    finally:
+        stack.stop("serve-restricted", sig=signal.SIGINT, grace=10)
+    assert outside.state_name == "Failed"
+    assert f"--output {tmp_path / 'outside'} is not allowed here (BATCHINFER_ALLOWED_OUTPUT allows {allowed})" in (
+        outside.state.message or ""
+    ), outside.state.message
+    assert not (tmp_path / "outside").exists()
+    assert inside.state_name == "Completed", inside.state.message
+    assert (allowed / "out" / "_SUCCESS").exists()
+
+
 # -- `batchinfer serve` up-front checks (no server needed) --------------------------------
 
 

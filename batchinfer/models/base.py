@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -249,3 +250,40 @@ def quantize_if_asked(module: torch.nn.Module, precision: str, device: torch.dev
         from torch.ao.quantization import quantize_dynamic
 
         return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+# A tokenizer reads a whole string before it truncates, so one huge cell would cost memory and time in
+# proportion to its length. Texts are first cut to this many characters per token of the model's maximum
+# length, at a word boundary, and cut longer only while the cut holds fewer tokens than that maximum.
+CUT_CHARS_PER_TOKEN = 32
+_BOUNDARY_SEARCH = 1_000
+
+
+def _word_boundary(text: str, size: int) -> int:
+    """Where to cut `text` near `size` so that no word is split: just after whitespace or punctuation
+    (where BERT-style pre-tokenizers split), or at `size` itself when the last stretch has neither."""
+    for at in range(size, max(size - _BOUNDARY_SEARCH, 0), -1):
+        char = text[at - 1]
+        if char.isspace() or unicodedata.category(char).startswith("P"):
+            return at
+    return size
+
+
+def cut_texts(texts: list[str], max_length: int, count: Callable[[str], int]) -> list[str]:
+    """Each long text cut by characters to a prefix of whole words that still holds at least `max_length`
+    tokens (`count` gives a text's tokens, special ones aside, and may stop counting at `max_length`).
+    Truncation keeps at most `max_length` tokens of each text, all of them from such a prefix, so the cut
+    changes no token id, alone or in a pair."""
+    limit = max_length * CUT_CHARS_PER_TOKEN
+    cut = []
+    for text in texts:
+        size, kept = limit, text
+        while len(text) > size:
+            kept = text[: _word_boundary(text, size)]
+            if count(kept) >= max_length:
+                break
+            size *= 4  # too few tokens in the cut (runs of spaces, say): cut longer
+        else:
+            kept = text
+        cut.append(kept)
+    return cut

@@ -24,6 +24,7 @@ from batchinfer.errors import ModelError
 from batchinfer.models.base import ModelSpec, Precisioned, Wanted, choose_output, declared_output, digest
 from batchinfer.models.checkpoints import read_checkpoint_bytes
 from batchinfer.outputs import activation
+from batchinfer.storage import temp_prefix
 
 METADATA_FILE = "batchinfer.json"
 
@@ -39,7 +40,7 @@ def _load_module(data: bytes, uri: str, device: torch.device) -> tuple[Any, dict
     """The module on `device` and the metadata the archive declares ({} when it has none)."""
     suffix = ".pt2" if uri.endswith(".pt2") else ".pt"
     extra = {METADATA_FILE: ""}
-    with tempfile.TemporaryDirectory(prefix="batchinfer-model-") as folder:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("model-")) as folder:
         path = os.path.join(folder, "model" + suffix)
         with open(path, "wb") as handle:
             handle.write(data)

@@ -44,11 +44,12 @@ from batchinfer.models.base import (
     Precisioned,
     Wanted,
     choose_output,
+    cut_texts,
     digest,
     quantize_if_asked,
 )
 from batchinfer.outputs import activation
-from batchinfer.storage import Storage
+from batchinfer.storage import Storage, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -336,7 +337,7 @@ def local_copy(uri: str, storage_options: dict[str, Any]) -> Path:
     target = cache_root() / digest(uri, json.dumps(listing))
     if target.is_dir():
         return target
-    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    staging = target.with_name(f"{temp_prefix('hf-')}{uuid.uuid4().hex}")  # a killed copy's is removed later
     try:
         for relative, _, _ in listing:
             path = staging / relative
@@ -424,8 +425,8 @@ class HFPredictor:
         if not texts:
             return []
         pairs = isinstance(texts[0], tuple)
-        first = [t[0] for t in texts] if pairs else list(texts)
-        second = [t[1] for t in texts] if pairs else None
+        first = cut_texts([t[0] for t in texts] if pairs else list(texts), self.max_length, self._count)
+        second = cut_texts([t[1] for t in texts], self.max_length, self._count) if pairs else None
         if self.layout.lowercase:
             first = [t.lower() for t in first]
             second = [t.lower() for t in second] if second is not None else None
@@ -441,6 +442,12 @@ class HFPredictor:
         types = encoded.get("token_type_ids") if self.with_types else None
         ids = encoded["input_ids"]
         return [_Tokens(row, types[i] if types is not None else None) for i, row in enumerate(ids)]
+
+    def _count(self, text: str) -> int:
+        """A text's tokens, special ones aside, counted up to the maximum length."""
+        text = text.lower() if self.layout.lowercase else text
+        ids = self.tokenizer(text, add_special_tokens=False, truncation=True, max_length=self.max_length)
+        return len(ids["input_ids"])
 
     def encode_ids(self, rows: list[_Tokens]) -> torch.Tensor:
         lengths = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))

@@ -2,7 +2,8 @@
 
 Mean pooling over the attention mask, then L2 normalisation: the same vectors
 sentence-transformers gives for this model. Texts longer than the model's
-maximum sequence length are truncated by the tokenizer. The encoder is the
+maximum sequence length are truncated (cut by characters first, so a huge cell
+costs no more than a long one). The encoder is the
 plain-PyTorch BERT of `batchinfer.models.bert` over the package's weights,
 and the tokenizer its `tokenizer.json` through `tokenizers`: no transformers
 import on the way to the first batch.
@@ -21,7 +22,15 @@ import numpy as np
 import torch
 
 from batchinfer.errors import ModelError
-from batchinfer.models.base import ModelSpec, Precisioned, Wanted, choose_output, digest, quantize_if_asked
+from batchinfer.models.base import (
+    ModelSpec,
+    Precisioned,
+    Wanted,
+    choose_output,
+    cut_texts,
+    digest,
+    quantize_if_asked,
+)
 from batchinfer.models.bert import load_encoder
 
 # Tokenizing on an accelerator: texts per encode_batch call, and at most this many threads.
@@ -78,7 +87,11 @@ class MiniLMPredictor:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize") if workers > 1 else None
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
+        texts = cut_texts(texts, self.max_length, self._count)
         return [encoding.ids for encoding in self._fast.encode_batch(texts)]
+
+    def _count(self, text: str) -> int:
+        return len(self._fast.encode(text, add_special_tokens=False).ids)  # truncated: at most max_length
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, truncated to the model's maximum length, without padding."""
