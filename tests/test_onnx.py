@@ -103,9 +103,14 @@ def test_inputs_and_outputs_are_matched_by_name(data: Path, tmp_path: Path) -> N
     assert np.abs(np.stack(joined["predictions"].to_list()) - expected).max() <= 1e-6
 
 
+def run_args(data: Path, tmp_path: Path, model: Path, *extra: str) -> list[str]:
+    """`batchinfer run` of an ONNX file: its checks run before Prefect starts (`plan` runs no model)."""
+    return ["run", "--input", str(data), "--output", str(tmp_path / "out"), "--model", str(model), *extra]
+
+
 def test_an_input_that_matches_no_column_is_refused(data: Path, tmp_path: Path, capsys) -> None:
     path = export(TwoInputs(), tmp_path / "two.onnx", {"x3": (2,), "age": (2,)}, ["hidden", "predictions"])
-    line = refused(capsys, "plan", "--input", str(data), "--model", str(path), "--output-kind", "regression")
+    line = refused(capsys, *run_args(data, tmp_path, path, "--output-kind", "regression"))
     assert line == (
         f"{path}: input 'age' matches no column of {data}/part-00000.parquet "
         "(give --features, or name the inputs after the columns)"
@@ -114,7 +119,7 @@ def test_an_input_that_matches_no_column_is_refused(data: Path, tmp_path: Path, 
 
 def test_an_output_for_the_kind_must_be_found_by_name(data: Path, tmp_path: Path, capsys) -> None:
     path = export(TwoInputs(), tmp_path / "two.onnx", {"x3": (2,), "x1": (2,)}, ["hidden", "scores"])
-    line = refused(capsys, "plan", "--input", str(data), "--model", str(path), "--output-kind", "embedding")
+    line = refused(capsys, *run_args(data, tmp_path, path, "--output-kind", "embedding"))
     assert line == f"{path} has outputs hidden, scores; for embedding outputs one must be named embedding or " + (
         "embeddings or sentence_embedding"
     )
@@ -122,7 +127,5 @@ def test_an_output_for_the_kind_must_be_found_by_name(data: Path, tmp_path: Path
 
 def test_half_precision_is_refused_for_onnx(data: Path, tmp_path: Path, capsys) -> None:
     path = export(TwoInputs(), tmp_path / "two.onnx", {"x3": (2,), "x1": (2,)}, ["hidden", "predictions"])
-    line = refused(
-        capsys, "plan", "--input", str(data), "--model", str(path), "--output-kind", "regression", "--precision", "bf16"
-    )
+    line = refused(capsys, *run_args(data, tmp_path, path, "--output-kind", "regression", "--precision", "bf16"))
     assert line == f"--precision bf16 does not apply to {path}: an ONNX file runs in the types it holds"

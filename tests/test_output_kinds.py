@@ -275,7 +275,8 @@ def test_exported_file_declares_its_kind_and_is_not_forced_through_softmax(data:
 
 def test_exported_file_without_a_declared_kind_needs_output_kind(data: Path, tmp_path: Path, capsys) -> None:
     path, _ = _scripted(tmp_path)
-    line = refused(capsys, "plan", "--input", str(data), "--model", str(path), "--features", "x0,x1")
+    out = str(tmp_path / "out")  # `run`: its checks run before Prefect starts (`plan` runs no model)
+    line = refused(capsys, "run", "--input", str(data), "--output", out, "--model", str(path), "--features", "x0,x1")
     assert line == (
         f"{path} does not declare what its outputs are: give --output-kind "
         "(classifier, multilabel, regression, embedding, raw)"

@@ -131,9 +131,8 @@ def test_a_second_run_into_a_held_output_is_refused_at_once(tabular, tmp_path, c
     output = tmp_path / "out"
     first = _slow_run(tabular, output, tmp_path)
     try:
-        started = time.monotonic()
         code, _, err = cli(capsys, *mlp_args(tabular, output, "--overwrite"))
-        refused_in = time.monotonic() - started
+        assert first.poll() is None  # refused while A runs: B does not wait for A
         line = one_line(err)
         assert code == EXIT_BAD_INPUT, err
         assert line.startswith(f"batchinfer: error: --output {output} is in use by flow run '"), line
@@ -149,7 +148,6 @@ def test_a_second_run_into_a_held_output_is_refused_at_once(tabular, tmp_path, c
         out, err = first.communicate(timeout=240)
     assert first.returncode == 0, err
     assert "validation passed" in out
-    assert refused_in < 60, "refused before any work"  # generous: the point is that B does not wait for A
     widths = pl.read_parquet(output / "predictions" / "*.parquet")["probabilities"].list.len().unique().to_list()
     assert widths == [3]  # the controlled model's three classes, not the MLP's ten
     manifest = json.loads((output / "manifest.json").read_text())
