@@ -542,7 +542,7 @@ def run_shard(config: RunConfig, settings: ShardSettings, shard: Shard, *, run: 
     """
     storage = Storage(settings.output_uri, settings.storage_options)
     marker = read_marker(storage, settings.output_uri, shard.shard_id)
-    if is_done(marker, shard, settings):
+    if is_done(marker, shard, settings) and storage.exists(Layout(settings.output_uri).shard(shard.shard_id)):
         log.info("shard %s was committed by an earlier attempt; not scored again", shard.shard_id)
         return ShardStats.from_marker(marker)  # type: ignore[arg-type]
     devices = engine_assigned(discover(config.compute.devices))

@@ -85,6 +85,8 @@ def mlp_args(tabular: dict, output: Path | str, *extra: str) -> list[str]:
         "cpu",
         "--shard-rows",
         "5000",
+        "--batch-size",
+        "1024",
         *extra,
     ]
 
@@ -427,7 +429,7 @@ def test_a_stricter_error_policy_holds_on_a_rerun(tabular, tmp_path, capsys):
     args = mlp_args(tabular, output)
     args[2] = str(data)
     code, _, err = cli(capsys, *args)  # the default --max-error-ratio 0
-    assert code == EXIT_FAILED
+    assert code == EXIT_FAILED, err
     line = one_line(err)
     assert line.startswith("batchinfer: run failed: shard ") and "part-00001.parquet rows 0+5000" in line
     assert line.endswith("3 of 5000 rows cannot be scored (see errors/); --max-error-ratio is 0.0")
