@@ -506,7 +506,9 @@ def test_a_huge_text_cell_is_cut_before_it_is_tokenized():
 
 
 def test_a_huge_text_cell_is_cut_before_a_hugging_face_tokenizer_too(tmp_path):
-    """The same for a Hugging Face classifier (64 positions), alone and in text pairs."""
+    """The same for a Hugging Face classifier (64 positions), alone and in text pairs. Its cut is 2,048
+    characters, so smaller cells show it; the expected ids tokenize the pairs whole, which costs the
+    tokenizer memory quadratic in their length (gigabytes at MiniLM's sizes)."""
     from batchinfer.models.base import resolve_model
     from tests import hf_models
 
@@ -514,8 +516,10 @@ def test_a_huge_text_cell_is_cut_before_a_hugging_face_tokenizer_too(tmp_path):
     options = dict(checkpoint=None, precision="fp32", features=None, text_column="text", storage_options={})
     predictor = resolve_model(f"hf:{folder}", **options).load(torch.device("cpu"))
     tokenizer = predictor.tokenizer
-    texts = ["a short one", HUGE, SPACED]
-    pairs = [("a question", HUGE), (HUGE, "an answer"), (SPACED, HUGE), ("short", "pair")]
+    huge = " ".join(f"word{i % 97} punct, café" for i in range(8_000))  # 150 KB
+    spaced = "start" + " " * 20_000 + " end" * 400
+    texts = ["a short one", huge, spaced]
+    pairs = [("a question", huge), (huge, "an answer"), (spaced, huge), ("short", "pair")]
 
     def whole(batch: list[Any]) -> list[list[int]]:
         first = [b[0] if isinstance(b, tuple) else b for b in batch]
@@ -528,7 +532,7 @@ def test_a_huge_text_cell_is_cut_before_a_hugging_face_tokenizer_too(tmp_path):
     predictor.tokenizer = recording
     got = [t.ids for t in predictor.tokenize(texts)], [t.ids for t in predictor.tokenize(pairs)]
     assert got == expected
-    assert recording.longest == len(SPACED) < len(HUGE) // 5
+    assert recording.longest == len(spaced) < len(huge) // 5
 
 
 # -- 8. an unreachable Prefect API -------------------------------------------------------------
