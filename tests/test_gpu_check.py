@@ -107,9 +107,9 @@ def test_without_cuda_the_check_falls_back_to_the_cpu_and_installs_the_travellin
         timeout=1500,
         BUDGET_S="1200",  # the 8-minute budget is the GPU host's; a shared 2-core machine needs more
         WHEELS=str(wheels),
-        SENTENCES="200",
+        SENTENCES="64",
         DEMO_ROWS="20000",
-        DEMO_SENTENCES="200",
+        DEMO_SENTENCES="64",
         BENCH_DIR=str(tmp_path / "bench"),
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]

@@ -156,14 +156,10 @@ def test_cli_rerun_uses_the_recorded_parameters(data, tmp_path, control, clean, 
     assert_same_as_clean(output, clean)
 
 
-def cli_env(home: Path, control: Path) -> dict[str, str]:
-    """A `batchinfer` process on its own embedded Prefect server, in the Prefect home `home`."""
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PYTHONPATH": python_path(),
-        "BATCHINFER_TEST_CONTROL": str(control),
-    }
+def cli_env(control: Path) -> dict[str, str]:
+    """A `batchinfer` process on its own embedded Prefect server, in the suite's Prefect home: one home
+    for every run, as a user has (a killed run must not spoil the home for the runs after it)."""
+    env = {**os.environ, "PYTHONPATH": python_path(), "BATCHINFER_TEST_CONTROL": str(control)}
     env.pop("PREFECT_API_URL", None)
     return env
 
@@ -206,7 +202,7 @@ def test_sigkill_mid_shard_then_the_same_command_finishes(data, tmp_path, contro
     ends with a clean run's bytes."""
     output = tmp_path / "out"
     (control / "sleep").write_text("0.25")
-    env = cli_env(tmp_path / "home", control)
+    env = cli_env(control)
     args = [sys.executable, "-m", "cli", *cli_args(data, output), "--engine", engine]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -236,7 +232,7 @@ def test_sigkill_mid_shard_then_the_same_command_finishes(data, tmp_path, contro
 def test_sigterm_mid_run_exits_143_with_one_line_and_leaves_nothing_running(data, tmp_path, control, engine):
     output = tmp_path / "out"
     (control / "sleep").write_text("0.5")
-    env = cli_env(tmp_path / "home", control)
+    env = cli_env(control)
     args = [sys.executable, "-m", "cli", *cli_args(data, output), "--engine", engine]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180

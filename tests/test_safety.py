@@ -113,7 +113,7 @@ def _slow_run(tabular: dict, output: Path, tmp_path: Path) -> subprocess.Popen:
     argv = [sys.executable, "-m", "cli", "run", "--input", tabular["input"], "--output", str(output)]
     argv += ["--model", CONTROLLED, "--features", ",".join(FEATURES), "--devices", "cpu"]
     argv += ["--shard-rows", "5000", "--batch-size", "500"]
-    env = cli_env(tmp_path / "home-a", control)
+    env = cli_env(control)
     proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while not list((output / "markers").glob("*.json")):
@@ -594,7 +594,7 @@ def test_a_full_disk_names_the_file_and_the_manifest_says_failed(tabular, tmp_pa
     same command finishes and scores nothing twice. (A tmpfs of fixed size, mounted in a private mount
     namespace: `unshare`.)"""
     clean = tmp_path / "clean"
-    env = cli_env(tmp_path / "home", tmp_path)
+    env = cli_env(tmp_path)
     argv = [sys.executable, "-m", "cli", *mlp_args(tabular, clean, "--shard-rows", "2500")]
     assert subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, timeout=240).returncode == 0
     shards = sum(p.stat().st_size for p in (clean / "shards").iterdir())
