@@ -256,7 +256,7 @@ def _check_committed_shards(
         if problem:
             try:
                 _validated_shard(plan, shard, marker, storage, in_storage, layout)
-                reason = f"{where}: output file changed since it was committed ({problem})"
+                reason = f"{where}: {problem}"
             except _Invalid as exc:
                 reason = str(exc)
             _forget_damaged(storage, layout, shard, reason, report)
@@ -286,13 +286,15 @@ def _committed_problem(
     """What is wrong with a committed shard, from its marker and the listing alone ("" when nothing)."""
     rows_out, rows_error = marker.get("rows_out"), marker.get("rows_error")
     if not isinstance(rows_out, int) or not isinstance(rows_error, int) or rows_out + rows_error != shard.num_rows:
-        return f"its marker says {rows_out} output + {rows_error} error rows, planned {shard.num_rows}"
+        return f"row counts check failed: marker says {rows_out} output + {rows_error} error rows, planned {shard.num_rows}"
     name = f"{shard.shard_id}.parquet"
-    problem = storage.unchanged(layout.shard(shard.shard_id), marker["file"], shard_files.get(name))
-    if not problem and rows_error:
+    changed = storage.unchanged(layout.shard(shard.shard_id), marker["file"], shard_files.get(name))
+    if changed:
+        return f"output file changed since it was committed ({changed})"
+    if rows_error:
         changed = storage.unchanged(layout.errors(shard.shard_id), marker["errors_file"], error_files.get(name))
-        problem = f"errors file: {changed}" if changed else ""
-    return problem
+        return f"errors file changed since it was committed ({changed})" if changed else ""
+    return ""
 
 
 def _write_parts(
