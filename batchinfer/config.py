@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from batchinfer import partitions as hive
 from batchinfer.errors import ConfigError
 
 # Snappy, Parquet's most widely read codec (pyarrow's and Spark's default): the reasons and figures are in
@@ -136,7 +137,21 @@ class InputConfig(BaseModel):
         "(cross-encoders, NLI classifiers).",
     )
     passthrough: list[str] = Field(
-        default_factory=list, title="Passthrough columns", description="Input columns copied unchanged to the output."
+        default_factory=list,
+        title="Passthrough columns",
+        description="Input columns copied unchanged to the output; partition columns (key=value folders) too.",
+    )
+    partition_types: dict[str, str] = Field(
+        default_factory=dict,
+        title="Partition column types",
+        description="Types of partition columns (key=value folders), e.g. 'year=int64,date=date32'; "
+        "others are strings.",
+    )
+    partitions: str | None = Field(
+        default=None,
+        title="Partition filter",
+        description="Which key=value folders to score, e.g. 'date>=2026-11-01,country=DE|FR' (all must hold). "
+        "{today}, {yesterday} and {today-N} are UTC dates of the run (the scheduled time for scheduled runs).",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -184,6 +199,31 @@ class InputConfig(BaseModel):
                 raise ValueError(f"{name!r} is listed twice")
             seen.add(name)
         return value
+
+    @field_validator("partition_types", mode="before")
+    @classmethod
+    def _parse_types(cls, value: Any) -> Any:
+        if value is None:
+            return {}
+        if isinstance(value, str):
+            pairs = [part.strip() for part in value.split(",") if part.strip()]
+            if not all("=" in pair for pair in pairs):
+                raise ValueError("expected NAME=TYPE pairs joined by commas, e.g. 'year=int64,date=date32'")
+            return {name.strip(): kind.strip() for name, kind in (pair.split("=", 1) for pair in pairs)}
+        return value
+
+    @field_validator("partition_types")
+    @classmethod
+    def _known_types(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: hive.type_name(kind) for name, kind in value.items()}
+
+    @field_validator("partitions")
+    @classmethod
+    def _filter(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        hive.parse_filter(value)  # the syntax now; values once dates are filled in
+        return value.strip()
 
     @field_validator("storage_options", mode="before")
     @classmethod
@@ -388,17 +428,31 @@ class RunConfig(BaseModel):
         The batch size is one: a model's float results differ in the last bits from one batch size to
         another (which rows share a matrix product), so a rerun never mixes shards scored at two sizes.
         """
-        payload = {
+        payload: dict[str, Any] = {
             "key": self.input.key_column,
             "passthrough": list(self.input.passthrough),
             "compression": OUTPUT_COMPRESSION,
             "batch_size": self.compute.batch_size,
         }
+        types = {k: v for k, v in self.input.partition_types.items() if k in self.input.passthrough}
+        if types:  # only when set: outputs made before partition types existed keep their fingerprint
+            payload["partition_types"] = types
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def storage_options(self) -> dict[str, Any]:
         return self.input.storage_options
+
+    def dated(self, when: Any = None) -> RunConfig:
+        """The config with `{today}`, `{yesterday}`, `{today-N}` in the URIs and the filter made dates of `when`
+        (UTC; now when None). A run records and reruns the dates it was given."""
+        fields = {
+            "input_uri": self.input.uri,
+            "partitions": self.input.partitions,
+            "output_uri": self.output.uri,
+        }
+        changed = {k: hive.expand_dates(v, when) for k, v in fields.items() if hive.has_dates(v)}
+        return self.replace(**changed) if changed else self
 
     def flat(self) -> dict[str, Any]:
         """Every field by its flat name (the keyword arguments of `make_config`)."""

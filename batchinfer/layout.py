@@ -19,6 +19,14 @@ def check_shard_id(shard_id: str) -> str:
     return shard_id
 
 
+def check_part_name(name: str) -> str:
+    """A part's name is a relative path that stays inside predictions/."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        raise ConfigError(f"invalid part name {name!r}: expected a relative path inside predictions/")
+    return name
+
+
 @dataclass(frozen=True)
 class Layout:
     root: str
@@ -32,8 +40,9 @@ class Layout:
     def errors(self, shard_id: str) -> str:
         return Storage.join(self.root, "errors", f"{check_shard_id(shard_id)}.parquet")
 
-    def part(self, index: int) -> str:
-        return Storage.join(self.root, "predictions", f"part-{index:05d}.parquet")
+    def part(self, name: str) -> str:
+        """A partition's merged part: `name` is its path under the input (`Partition.part`)."""
+        return Storage.join(self.root, "predictions", check_part_name(name))
 
     @property
     def shards_dir(self) -> str:

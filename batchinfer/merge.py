@@ -1,12 +1,14 @@
 """Merge-and-validate: gather committed shards into predictions/, check them, then mark success.
 
-Checks, per shard: a marker that matches the plan; the output schema; row counts
-(output + error rows = planned rows); the keys (output keys plus error keys are
-exactly the shard's input keys); the checks of the output kind (batchinfer/outputs.py:
-finite values everywhere; classifier rows summing to 1 with the argmax predicted,
-multilabel probabilities in [0, 1], unit-norm embeddings where the model declares
-them). Across shards: no key twice, one schema. The merged parts are committed
-only if every check passed; `manifest.json` follows, `_SUCCESS` last.
+A shard passed its checks when it was committed (schema, row counts, keys, and the checks of the output kind
+in batchinfer/outputs.py: finite values everywhere, classifier rows summing to 1 with the argmax predicted,
+multilabel probabilities in [0, 1], unit-norm embeddings where the model declares them), and its marker
+records them with the size and checksum of its files. Here every planned shard needs such a marker, row
+counts that add up, one schema across shards, and files that are still the ones committed: one listing and
+the markers, not the rows, so a run over a large output that is mostly done costs what is new. A file that
+changed since its commit is checked in full, to name what is wrong with it, and loses its marker, so it is
+scored again. Across shards: no key twice (checked on the input when planning). The merged parts are
+committed only if every check passed; `manifest.json` follows, `_SUCCESS` last.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import pyarrow.parquet as pq
 from batchinfer import faults, outputlock, outputs
 from batchinfer.errors import BatchInferError
 from batchinfer.layout import Layout
-from batchinfer.pipeline import Plan, _read_column, find_done, manifest
-from batchinfer.planning import Partition, Shard
-from batchinfer.storage import Storage
+from batchinfer.pipeline import Plan, _read_column, manifest, write_manifest
+from batchinfer.planning import Shard, current_fingerprint
+from batchinfer.runner import is_done, read_marker
+from batchinfer.storage import FileInfo, Storage
 from batchinfer.writer import open_writer
 
 log = logging.getLogger(__name__)
@@ -76,9 +79,9 @@ class _Invalid(Exception):
 def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = None) -> RunReport:
     """Check every planned shard, write the merged parts, the manifest and `_SUCCESS`.
 
-    A committed shard whose file fails its check loses its marker (`report.damaged`), so it is scored
-    again, by this run (the flow does) or the next. Nothing is committed unless the manifest and every
-    merged shard's marker still belong to this run.
+    A committed shard whose file changed since its commit, or is gone, loses its marker (`report.damaged`),
+    so it is scored again, by this run (the flow does) or the next. Nothing is committed unless the manifest
+    and every merged shard's marker still belong to this run.
     """
     started = time.perf_counter()
     results = results or {}
@@ -91,7 +94,8 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
     report.shards_run = sum(1 for r in results.values() if r.get("state") == "done")
 
     versions = _marker_versions(storage, layout)  # before reading them: a later rewrite shows as a new version
-    markers = find_done(storage, plan)
+    shard_files = storage.list_tree(layout.shards_dir)
+    markers = committed_markers(plan, results, storage, layout, shard_files)
     over = _over_error_policy(plan, markers)
     markers = {k: v for k, v in markers.items() if k not in over}
     failed = [s for s in plan.shards if s.shard_id not in markers]
@@ -122,14 +126,17 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
 
     try:
         _check_input_unchanged(plan, in_storage, report)
+        _check_committed_shards(plan, markers, storage, in_storage, layout, report, shard_files)
+        listed = storage.list_tree(layout.predictions_dir, sizes=False)
         with ExitStack() as stack:
-            written, copies = _write_parts(plan, markers, storage, in_storage, layout, report, stack)
+            written, copies, rebuilt = _write_parts(plan, markers, storage, layout, stack, shard_files, listed)
             faults.point("merge.validated")
             _check_still_ours(plan, storage, layout, versions, markers)  # before any part is committed
         report.parts = len(written)
         for shard_uri, part_uri in copies:  # only once every shard passed, like the parts written above
             storage.copy(shard_uri, part_uri)
-        _remove_stale(plan, storage, layout, written)
+        records = {p: {"part_shards": ids, "part_file": storage.file_record(layout.part(p))} for p, ids in rebuilt}
+        _remove_stale(plan, storage, layout, written, listed)
         if failed:
             report.missing_keys = _record_missing(plan, failed, storage, in_storage, layout)
         else:
@@ -145,7 +152,10 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
         return report
     report.ok = True
     state = "partial" if failed else "succeeded"
-    return _finish(plan, storage, layout, report, results, started, state=state, versions=versions, merged=markers)
+    parts = {**written, **records}
+    return _finish(
+        plan, storage, layout, report, results, started, state=state, versions=versions, merged=markers, parts=parts
+    )
 
 
 MISSING_KEYS = "missing_keys.parquet"
@@ -165,11 +175,10 @@ def _over_error_policy(plan: Plan, markers: dict[str, dict[str, Any]]) -> dict[s
 
 def _marker_versions(storage: Storage, layout: Layout) -> dict[str, str]:
     """Each marker's size and version tag, from one listing."""
-    if not storage.exists(layout.markers_dir):
-        return {}
     return {
-        info.uri.rsplit("/", 1)[-1].removesuffix(".json"): f"{info.size}:{info.version}"
-        for info in storage.list_files(layout.markers_dir, suffix=".json")
+        name.removesuffix(".json"): f"{info.size}:{info.version}"
+        for name, info in storage.list_tree(layout.markers_dir).items()
+        if name.endswith(".json") and "/" not in name and not name.startswith(".")
     }
 
 
@@ -200,64 +209,148 @@ def _check_still_ours(
         )
 
 
-def _write_parts(
+def committed_markers(
+    plan: Plan,
+    results: dict[str, dict[str, Any]],
+    storage: Storage,
+    layout: Layout,
+    shard_files: dict[str, FileInfo],
+) -> dict[str, dict[str, Any]]:
+    """The markers of planned shards that are committed and whose file is there: those read when planning,
+    where still present, and those this run committed, read now."""
+    present = {name.removesuffix(".json") for name in storage.list_names(layout.markers_dir)}
+    known = {s.shard_id: plan.done[s.shard_id] for s in plan.shards if s.shard_id in plan.done}
+    unread = [s for s in plan.shards if s.shard_id in present and (s.shard_id in results or s.shard_id not in known)]
+    fresh = storage.map(lambda s: read_marker(storage, plan.settings.output_uri, s.shard_id), unread)
+    markers = {k: v for k, v in known.items() if k in present and k not in results}
+    for shard, marker in zip(unread, fresh, strict=True):
+        if is_done(marker, shard, plan.settings):
+            markers[shard.shard_id] = marker  # type: ignore[assignment]
+    gone = [k for k in markers if f"{k}.parquet" not in shard_files]
+    for shard_id in gone:  # a marker without its data proves nothing: the shard is scored again
+        log.warning("shard %s has a marker but its file is gone; it is scored again", shard_id)
+        del markers[shard_id]
+    return markers
+
+
+def _check_committed_shards(
     plan: Plan,
     markers: dict[str, dict[str, Any]],
     storage: Storage,
     in_storage: Storage,
     layout: Layout,
     report: RunReport,
+    shard_files: dict[str, FileInfo],
+) -> None:
+    """Each committed shard from its marker and the listing: row counts, one schema, files still the ones
+    committed. A shard whose file changed is checked in full to name what is wrong, and loses its marker
+    (it is scored again); every shard is looked at, so one run finds every damaged shard."""
+    error_files = storage.list_tree(layout.errors_dir) if any(m.get("rows_error") for m in markers.values()) else {}
+    schemas: dict[str, str] = {}
+    for shard in plan.shards:
+        marker = markers.get(shard.shard_id)
+        if marker is None:
+            continue
+        where = f"shard {shard.shard_id} ({shard.partition_uri})"
+        problem = _committed_problem(shard, marker, storage, layout, shard_files, error_files)
+        if problem:
+            try:
+                _validated_shard(plan, shard, marker, storage, in_storage, layout)
+                reason = f"{where}: {problem}"
+            except _Invalid as exc:
+                reason = str(exc)
+            _forget_damaged(storage, layout, shard, reason, report)
+            continue
+        schema = marker.get("schema")
+        if schema and schemas.setdefault("first", schema) != schema:
+            raise _Invalid(f"{where}: schema check failed: its columns differ from the other shards'")
+        report.rows_out += int(marker["rows_out"])
+        report.rows_error += int(marker["rows_error"])
+    if report.damaged:
+        damaged, more = report.damaged[0], len(report.damaged) - 1
+        also = f" (and {more} more shard(s))" if more else ""
+        raise _Invalid(f"{report.failed_shards[damaged]}; its marker was removed, so the shard is scored again{also}")
+    detail = "at commit; files unchanged since (size and checksum)"
+    kinds = ("schema", "row counts", "keys match the input", "finite", f"{plan.settings.output.kind} outputs")
+    report.checks.extend(Check(name, True, detail) for name in kinds)
+
+
+def _committed_problem(
+    shard: Shard,
+    marker: dict[str, Any],
+    storage: Storage,
+    layout: Layout,
+    shard_files: dict[str, FileInfo],
+    error_files: dict[str, FileInfo],
+) -> str:
+    """What is wrong with a committed shard, from its marker and the listing alone ("" when nothing)."""
+    rows_out, rows_error = marker.get("rows_out"), marker.get("rows_error")
+    if not isinstance(rows_out, int) or not isinstance(rows_error, int) or rows_out + rows_error != shard.num_rows:
+        return f"row counts check failed: marker says {rows_out} output + {rows_error} error rows, planned {shard.num_rows}"
+    name = f"{shard.shard_id}.parquet"
+    changed = storage.unchanged(layout.shard(shard.shard_id), marker["file"], shard_files.get(name))
+    if changed:
+        return f"output file changed since it was committed ({changed})"
+    if rows_error:
+        changed = storage.unchanged(layout.errors(shard.shard_id), marker["errors_file"], error_files.get(name))
+        return f"errors file changed since it was committed ({changed})" if changed else ""
+    return ""
+
+
+def _write_parts(
+    plan: Plan,
+    markers: dict[str, dict[str, Any]],
+    storage: Storage,
+    layout: Layout,
     stack: ExitStack,
-) -> tuple[set[int], list[tuple[str, str]]]:
-    """Validate every committed shard; write the parts of several shards, list the one-shard parts.
+    shard_files: dict[str, FileInfo],
+    listed: dict[str, FileInfo],
+) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]], list[tuple[str, list[str]]]]:
+    """The merged part of each partition, by its name under predictions/ (`Partition.part`).
 
     A part made of one shard is that shard's file: it is returned as a (shard, part) pair to copy once
-    every shard has passed, without decoding and encoding it again or writing its bytes a second time.
-    Once a shard fails its check no more parts are written, but the other shards are still checked, so
-    one run finds every damaged shard.
+    every shard has passed, unless the part is that file already. A part of several shards is written
+    again only when its shards or its file changed since the run that wrote it (the manifest's record).
+    Returns every part (with the record to keep for it, if any), the copies to make, the parts written.
     """
-    written: set[int] = set()
+    written: dict[str, dict[str, Any]] = {}
     copies: list[tuple[str, str]] = []
-    first: list[pa.Schema] = []  # every shard's schema must be the first one's (the parts are read together)
-    by_partition: dict[int, list[Shard]] = {}
+    rebuilt: list[tuple[str, list[str]]] = []
+    by_part: dict[str, list[Shard]] = {}
     for shard in plan.shards:
         if shard.shard_id in markers:
-            by_partition.setdefault(shard.partition_index, []).append(shard)
-
-    def checked(shard: Shard) -> pa.Table | None:
-        try:
-            return _validated_shard(plan, shard, markers[shard.shard_id], storage, in_storage, layout, report, first)
-        except _Invalid as exc:
-            _forget_damaged(storage, layout, shard, str(exc), report)
-            return None
-
-    for index, shards in sorted(by_partition.items()):
+            by_part.setdefault(shard.part, []).append(shard)
+    earlier = {e.get("part"): e for e in plan.previous.get("partitions") or [] if isinstance(e, dict)}
+    for part, shards in sorted(by_part.items()):
+        ids = [s.shard_id for s in shards]
+        target = layout.part(part)
         if len(shards) == 1:
-            if checked(shards[0]) is not None:
-                copies.append((layout.shard(shards[0].shard_id), layout.part(index)))
-                written.add(index)
+            source = layout.shard(ids[0])
+            shard_file = shard_files.get(f"{ids[0]}.parquet")
+            if not storage.same_file(source, target, markers[ids[0]]["file"], listed.get(part), shard_file):
+                copies.append((source, target))
+            written[part] = {}
             continue
-        tmp = stack.enter_context(storage.atomic_local_file(layout.part(index), suffix=".parquet"))
+        before = earlier.get(part) or {}
+        record = before.get("part_file")
+        if before.get("part_shards") == ids and isinstance(record, dict) and part in listed:
+            if not storage.unchanged(target, record, storage.info(target)):
+                written[part] = {"part_shards": ids, "part_file": record}
+                continue
+        tmp = stack.enter_context(storage.atomic_local_file(target, suffix=".parquet"))
         writer: pq.ParquetWriter | None = None
         try:
             for shard in shards:
-                table = checked(shard)
-                if table is None or report.damaged:
-                    continue
+                table = _read_shard(storage, layout, shard)
                 if writer is None:
                     writer = open_writer(tmp, table.schema)
                 writer.write_table(table, row_group_size=65_536)
         finally:
             if writer is not None:
                 writer.close()
-        written.add(index)
-    if report.damaged:
-        damaged, more = report.damaged[0], len(report.damaged) - 1
-        also = f" (and {more} more shard(s))" if more else ""
-        raise _Invalid(f"{report.failed_shards[damaged]}; its marker was removed, so the shard is scored again{also}")
-    for name in ("schema", "row counts", "keys match the input", "finite", f"{plan.settings.output.kind} outputs"):
-        report.checks.append(Check(name, True))
-    return written, copies
+        written[part] = {}
+        rebuilt.append((part, ids))
+    return written, copies, rebuilt
 
 
 def _forget_damaged(storage: Storage, layout: Layout, shard: Shard, reason: str, report: RunReport) -> None:
@@ -270,6 +363,17 @@ def _forget_damaged(storage: Storage, layout: Layout, shard: Shard, reason: str,
     report.shards_failed += 1
 
 
+def _read_shard(storage: Storage, layout: Layout, shard: Shard) -> pa.Table:
+    where = f"shard {shard.shard_id} ({shard.partition_uri})"
+    try:
+        data = storage.read_bytes(layout.shard(shard.shard_id))
+        return pq.read_table(pa.BufferReader(data))
+    except BatchInferError as exc:
+        raise _Invalid(f"{where}: output file unreadable: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise _Invalid(f"{where}: output file is not valid Parquet ({exc})") from None
+
+
 def _validated_shard(
     plan: Plan,
     shard: Shard,
@@ -277,24 +381,12 @@ def _validated_shard(
     storage: Storage,
     in_storage: Storage,
     layout: Layout,
-    report: RunReport,
-    first: list[pa.Schema] | None = None,
 ) -> pa.Table:
-    """The shard's output table, checked against the plan, the input and the first shard's schema."""
+    """The shard's output table, checked in full against the plan and the input."""
     settings = plan.settings
     where = f"shard {shard.shard_id} ({shard.partition_uri})"
-    try:
-        data = storage.read_bytes(layout.shard(shard.shard_id))
-        table = pq.read_table(pa.BufferReader(data))
-    except BatchInferError as exc:
-        raise _Invalid(f"{where}: output file unreadable: {exc}") from None
-    except Exception as exc:  # noqa: BLE001
-        raise _Invalid(f"{where}: output file is not valid Parquet ({exc})") from None
+    table = _read_shard(storage, layout, shard)
     _check_schema(plan, table, where)
-    if first is not None:
-        if first and not table.schema.equals(first[0]):
-            raise _Invalid(f"{where}: schema check failed: {table.schema.to_string()!r} differs from the other shards'")
-        first[:1] = [table.schema]
     errors = _error_keys(storage, layout, shard, settings.key_column, where)
     # Keys before counts: a lost or repeated row is reported by its key, not only as a count mismatch.
     expected = _read_column(in_storage, shard.partition_uri, settings.key_column, range(shard.rg_start, shard.rg_stop))
@@ -321,8 +413,6 @@ def _validated_shard(
             f"planned {shard.num_rows}, marker says {marker.get('rows_out')}"
         )
     _check_values(plan, table, where)
-    report.rows_out += table.num_rows
-    report.rows_error += len(errors)
     return table
 
 
@@ -360,23 +450,29 @@ def _check_values(plan: Plan, table: pa.Table, where: str) -> None:
 
 def _check_input_unchanged(plan: Plan, in_storage: Storage, report: RunReport) -> None:
     """No key appears twice: planning found the input keys unique, shards do not overlap, and each shard's
-    keys equal its input rows' keys (checked per shard). That holds only while the input is the one
-    planned, so check every partition's fingerprint; memory stays one shard's worth, not 8 bytes a row.
+    keys equal its input rows' keys (checked at its commit). That holds only while the input is the one
+    planned, so check the fingerprint of every partition this run had shards to score in. Shards done before
+    hold what the input held when planned, and the next run plans again.
     """
+    scored = {s.partition_uri for s in plan.pending}
     for part in plan.partitions:
-        info = in_storage.info(part.uri)
-        if Partition(part.uri, info.size, info.version, 0, ()).fingerprint != part.fingerprint:
-            raise _Invalid(f"{part.uri}: input changed during the run (size or version differs); run again")
+        if part.uri in scored and current_fingerprint(in_storage, part) != part.fingerprint:
+            raise _Invalid(f"{part.uri}: input changed during the run (size or content differs); run again")
     report.checks.append(Check("keys unique", True, "input keys unique when planned; partitions unchanged"))
 
 
-def _remove_stale(plan: Plan, storage: Storage, layout: Layout, written: set[int]) -> None:
-    """Drop merged parts and shard files that no longer belong to the current input."""
-    for name in storage.list_names(layout.predictions_dir):
-        if name.startswith("part-") and name.endswith(".parquet"):
-            index = int(name[5:10]) if name[5:10].isdigit() else -1
-            if index not in written:
-                storage.remove(Storage.join(layout.predictions_dir, name))
+def _remove_stale(
+    plan: Plan, storage: Storage, layout: Layout, written: dict[str, Any], listed: dict[str, FileInfo]
+) -> None:
+    """Drop merged parts (of `listed`, what predictions/ held before) and shard files that no longer belong
+    to the current input."""
+    removed = False
+    for relative in listed:
+        if relative not in written:
+            storage.remove(Storage.join(layout.predictions_dir, relative))
+            removed = removed or "/" in relative
+    if removed:
+        storage.remove_empty_folders(layout.predictions_dir)
     planned = {s.shard_id for s in plan.shards}
     for folder, suffix in (
         (layout.markers_dir, ".json"),
@@ -412,6 +508,7 @@ def _finish(
     state: str,
     versions: dict[str, str],
     merged: dict[str, dict[str, Any]] | None = None,
+    parts: dict[str, dict[str, Any]] | None = None,
 ) -> RunReport:
     """Record the outcome in the manifest, then `_SUCCESS` if it passed; nothing at all if the output is no
     longer this run's (another run's manifest is never overwritten)."""
@@ -432,8 +529,13 @@ def _finish(
         "missing_keys_file": "missing_keys.parquet" if report.missing_keys else None,
     }
     data = manifest(plan, state=state, results=results, validation=validation)
+    if parts is not None:  # the record of each part of several shards, for the next run to keep it
+        for entry in data["partitions"]:
+            entry.pop("part_shards", None)
+            entry.pop("part_file", None)
+            entry.update(parts.get(entry["part"]) or {})
     data["totals"].update({"rows_out": report.rows_out, "rows_error": report.rows_error, "parts": report.parts})
-    storage.write_json(layout.manifest, data)
+    write_manifest(storage, layout, data)
     if report.ok:
         storage.write_bytes(layout.success, b"")
     log.info("merge-and-validate: %s (%d rows out, %d error rows)", state, report.rows_out, report.rows_error)

@@ -37,6 +37,7 @@ from batchinfer.models.base import ModelSpec, digest, resolve_model
 from batchinfer.models.hf import cache_root as hf_cache
 from batchinfer.outputs import OutputSpec
 from batchinfer.planning import (
+    KnownFooters,
     Partition,
     Shard,
     array_width,
@@ -44,6 +45,7 @@ from batchinfer.planning import (
     list_partitions,
     plan_shards,
     resolve_columns,
+    schema_digest,
 )
 from batchinfer.runner import ShardSettings, ShardStats, is_done, read_marker, score_shard
 from batchinfer.storage import Storage, remove_orphaned_temps
@@ -66,6 +68,8 @@ class Plan:
     devices: list[Device]
     done: dict[str, dict[str, Any]] = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    previous: dict[str, Any] = field(default_factory=dict)  # the manifest of this output's run of this config
+    key_ranges: dict[str, Any] = field(default_factory=dict)  # per partition, once its keys passed check_keys
 
     @property
     def pending(self) -> list[Shard]:
@@ -305,10 +309,14 @@ def resolve_inputs(config: RunConfig, spec: ModelSpec, first: Partition) -> tupl
     raise ConfigError(f"--model {config.model.model} does not record its feature names: give --features")
 
 
-_KEYS_CHECKED: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+KeyRange = list[Any] | None  # [min, max] of a partition's keys, or None where keys are not ordered here
+
+_KEYS_CHECKED: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, KeyRange]] = {}
 
 
-def check_keys_once(storage: Storage, partitions: list[Partition], key_column: str) -> None:
+def check_keys_once(
+    storage: Storage, partitions: list[Partition], key_column: str, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, KeyRange]:
     """`check_keys`, skipped when this process already passed the same partitions (same fingerprints).
 
     `batchinfer run` checks keys before Prefect starts and the flow's plan task checks them again;
@@ -316,21 +324,65 @@ def check_keys_once(storage: Storage, partitions: list[Partition], key_column: s
     """
     identity = (key_column, tuple((p.uri, p.fingerprint) for p in partitions))
     if identity in _KEYS_CHECKED:
-        return
-    check_keys(storage, partitions, key_column)
+        return _KEYS_CHECKED[identity]
+    ranges = check_keys(storage, partitions, key_column, known)
     if len(_KEYS_CHECKED) > 64:  # a long-lived worker sees many inputs; keep the memory bounded
         _KEYS_CHECKED.clear()
-    _KEYS_CHECKED.add(identity)
+    _KEYS_CHECKED[identity] = ranges
+    return ranges
 
 
-def check_keys(storage: Storage, partitions: list[Partition], key_column: str) -> None:
-    """Keys must be non-null and unique within and across partitions (8 bytes a row, sorted in place)."""
-    total = sum(p.num_rows for p in partitions)
-    hashes = np.empty(total, dtype=np.uint64)
-    at = 0
+def key_index(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The partitions an earlier run of this output checked together, by URI: fingerprint and key range.
+
+    Its manifest records them only once their keys passed `check_keys` as one set (`Plan.key_ranges`).
+    """
+    return {
+        entry["uri"]: entry
+        for entry in manifest.get("partitions") or []
+        if isinstance(entry, dict) and "keys" in entry and entry.get("uri") and entry.get("fingerprint")
+    }
+
+
+def _key_range(keys: pl.Series) -> KeyRange:
+    if not len(keys) or not (keys.dtype.is_integer() or keys.dtype == pl.String):
+        return None
+    return [keys.min(), keys.max()]
+
+
+def _overlap(a: KeyRange, b: KeyRange) -> bool:
+    if a is None or b is None:
+        return True
+    try:
+        return bool(a[0] <= b[1] and b[0] <= a[1])
+    except TypeError:  # keys of another type than recorded: the exact check decides
+        return True
+
+
+def check_keys(
+    storage: Storage, partitions: list[Partition], key_column: str, known: dict[str, dict[str, Any]] | None = None
+) -> dict[str, KeyRange]:
+    """Keys must be non-null and unique within and across partitions; return each partition's key range.
+
+    `known` holds partitions an earlier run checked together (`key_index`): those whose fingerprint is
+    unchanged are not read again. Only the new or changed partitions are read, and of the known ones only
+    those whose key range overlaps a new one's take part in the exact check (8 bytes a row, sorted).
+    """
+    known = known or {}
+    ranges: dict[str, KeyRange] = {}
+    fresh: list[Partition] = []
     for part in partitions:
-        if not part.num_rows:
-            continue
+        entry = known.get(part.uri)
+        if entry and entry.get("fingerprint") == part.fingerprint:
+            ranges[part.uri] = entry.get("keys")
+        elif part.num_rows:
+            fresh.append(part)
+        else:
+            ranges[part.uri] = None
+    if not fresh:
+        return ranges
+    hashes: list[np.ndarray] = []
+    for part in fresh:
         keys = _read_column(storage, part.uri, key_column)
         if keys.null_count():
             row = int(keys.is_null().arg_max())
@@ -338,13 +390,28 @@ def check_keys(storage: Storage, partitions: list[Partition], key_column: str) -
                 f"key column {key_column!r} has {keys.null_count()} null value(s) in {part.uri} (first at row {row})",
                 uri=part.uri,
             )
-        hashes[at : at + len(keys)] = keys.hash(seed=0).to_numpy()
-        at += len(keys)
+        ranges[part.uri] = _key_range(keys)
+        hashes.append(keys.hash(seed=0).to_numpy())
+    fresh_uris = {p.uri for p in fresh}
+    involved = [
+        p
+        for p in partitions
+        if p.uri not in fresh_uris and p.num_rows and any(_overlap(ranges[p.uri], ranges[f.uri]) for f in fresh)
+    ]
+    for part in involved:
+        hashes.append(_read_column(storage, part.uri, key_column).hash(seed=0).to_numpy())
+    involved_uris = {p.uri for p in involved}
+    checked = [p for p in partitions if p.uri in fresh_uris or p.uri in involved_uris]
+    _check_unique(storage, checked, key_column, np.concatenate(hashes))
+    return ranges
+
+
+def _check_unique(storage: Storage, partitions: list[Partition], key_column: str, hashes: np.ndarray) -> None:
+    """Equal hashes are confirmed with the real values (a 64-bit collision is possible, just unlikely)."""
     hashes.sort()
     equal = np.flatnonzero(hashes[1:] == hashes[:-1])
     if len(equal) == 0:
         return
-    # Equal hashes: confirm with the real values (a 64-bit collision is possible, just unlikely).
     suspects = np.unique(hashes[equal])
     del hashes
     seen: dict[Any, str] = {}
@@ -394,22 +461,44 @@ def recorded_input(manifest: dict[str, Any]) -> str:
     return (recorded.get("input") or {}).get("uri") or recorded.get("input_uri") or ""
 
 
-def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) -> None:
-    """Refuse an output that holds a run with another configuration, unless asked to overwrite."""
-    layout = Layout(config.output.uri)
+def read_manifest(storage: Storage, layout: Layout) -> dict[str, Any] | None:
+    """The output's manifest; None when there is none, {} when it cannot be read."""
     if not storage.exists(layout.manifest):
-        return
+        return None
     try:
         manifest = storage.read_json(layout.manifest)
     except BatchInferError:
-        manifest = {}
-    same = (
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def same_run(manifest: dict[str, Any], config: RunConfig, model_fingerprint: str) -> bool:
+    """The manifest records a run with this model, these output columns and this input."""
+    return (
         manifest.get("model_fingerprint") == model_fingerprint
         and manifest.get("output_fingerprint") == config.output_fingerprint()
         and _norm(recorded_input(manifest)) == _norm(config.input.uri)
     )
-    if same:
-        return
+
+
+_UNREAD: Any = object()
+
+
+def check_output(
+    storage: Storage, config: RunConfig, model_fingerprint: str, manifest: Any = _UNREAD
+) -> dict[str, Any]:
+    """Refuse an output that holds a run with another configuration, unless asked to overwrite.
+
+    Returns the manifest of the earlier run of this configuration there ({} when there is none).
+    `manifest`: the output's manifest as just read (`read_manifest`), to spare reading it again.
+    """
+    layout = Layout(config.output.uri)
+    if manifest is _UNREAD:
+        manifest = read_manifest(storage, layout)
+    if manifest is None:
+        return {}
+    if same_run(manifest, config, model_fingerprint):
+        return manifest
     if not config.output.overwrite:
         raise OutputConflictError(
             f"--output {config.output.uri} holds a run with another configuration "
@@ -420,6 +509,7 @@ def check_output(storage: Storage, config: RunConfig, model_fingerprint: str) ->
         storage.remove(folder, recursive=True)
     storage.remove(layout.manifest)
     storage.remove(layout.success)
+    return {}
 
 
 def prepare(
@@ -431,13 +521,22 @@ def prepare(
     `module:factory`) is neither imported, loaded nor run: the columns are checked as the flags name them.
     """
     limit_malloc_arenas()
+    config = config.dated()
     check_targets(config)
     check_shared_storage(config)
     # A cluster given by address places shards on its own machines; their devices are found there.
     devices = [] if config.compute.remote else discover(config.compute.devices)
     spec = model_spec(config) if run_model or not runs_model_code(config.model.model) else None
     in_storage = Storage(config.input.uri, config.input.storage_options)
-    partitions = list_partitions(in_storage, config.input.uri)
+    out = Storage(config.output.uri, config.input.storage_options)
+    earlier = _earlier_manifest(out, config)
+    partitions = list_partitions(
+        in_storage,
+        config.input.uri,
+        partitions=config.input.partitions,
+        partition_types=config.input.partition_types,
+        known=KnownFooters.from_manifest(earlier),
+    )
     if spec is None:
         features, text_column = declared_inputs(config, partitions[0])
     else:
@@ -448,6 +547,7 @@ def prepare(
         features=features,
         text_columns=text_columns(text_column),
         passthrough=list(config.input.passthrough),
+        partition_types=config.input.partition_types,
     )
     shards = plan_shards(partitions, config.compute.shard_rows)
     output = output_spec(config, spec) if spec else OutputSpec()
@@ -467,12 +567,14 @@ def prepare(
         storage_options=config.input.storage_options,
         output=output,
         run_id=run_id,
+        partition_types=dict(config.input.partition_types),
     )
     plan = Plan(config, partitions, shards, settings, devices, run_id=run_id)
+    if earlier and same_run(earlier, config, model_fingerprint):
+        plan.previous = earlier
     if check_existing:
-        check_keys_once(in_storage, partitions, config.input.key_column)
-        out = Storage(config.output.uri, config.input.storage_options)
-        check_output(out, config, model_fingerprint)
+        plan.previous = check_output(out, config, model_fingerprint, earlier)
+        plan.key_ranges = check_keys_once(in_storage, partitions, config.input.key_column, key_index(plan.previous))
         plan.done = find_done(out, plan)
     return plan
 
@@ -484,22 +586,81 @@ def declared_inputs(config: RunConfig, first: Partition) -> tuple[list[str], str
     return [], config.input.text_column
 
 
+def as_recorded_model(plan: Plan) -> Plan:
+    """For `plan --output` without running the model's code: the plan as if its model were the one the
+    output's manifest records (the same run otherwise), so that its done shards show as done."""
+    out = Storage(plan.settings.output_uri, plan.config.input.storage_options)
+    earlier = _earlier_manifest(out, plan.config) or {}
+    recorded = earlier.get("model_fingerprint")
+    if recorded and same_run(earlier, plan.config, recorded):
+        plan.settings = dataclasses.replace(plan.settings, model_fingerprint=recorded)
+        plan.previous = earlier
+    return plan
+
+
+def _earlier_manifest(storage: Storage, config: RunConfig) -> dict[str, Any] | None:
+    """The output's manifest, if it has a readable one: the footers its run read (`KnownFooters`)."""
+    try:
+        return read_manifest(storage, Layout(config.output.uri))
+    except BatchInferError:  # a missing bucket, say: reported by the checks that need the output
+        return None
+
+
 def find_done(storage: Storage, plan: Plan) -> dict[str, dict[str, Any]]:
     """Markers that prove a planned shard is done with this model and these settings, and whose data is there."""
     layout = Layout(plan.settings.output_uri)
     present = {name.removesuffix(".json") for name in storage.list_names(layout.markers_dir)}
-    files = set(storage.list_names(layout.shards_dir)) if present else set()
+    candidates = [shard for shard in plan.shards if shard.shard_id in present]
+    files = set(storage.list_names(layout.shards_dir)) if candidates else set()
+    markers = storage.map(lambda s: read_marker(storage, plan.settings.output_uri, s.shard_id), candidates)
     done = {}
-    for shard in plan.shards:
-        if shard.shard_id in present:
-            marker = read_marker(storage, plan.settings.output_uri, shard.shard_id)
-            if not is_done(marker, shard, plan.settings):
-                continue
-            if f"{shard.shard_id}.parquet" not in files:
-                log.warning("shard %s has a marker but its file is gone; it is scored again", shard.shard_id)
-                continue
-            done[shard.shard_id] = marker  # type: ignore[assignment]
+    for shard, marker in zip(candidates, markers, strict=True):
+        if not is_done(marker, shard, plan.settings):
+            continue
+        if f"{shard.shard_id}.parquet" not in files:
+            log.warning("shard %s has a marker but its file is gone; it is scored again", shard.shard_id)
+            continue
+        done[shard.shard_id] = marker  # type: ignore[assignment]
     return done
+
+
+@dataclass
+class Change:
+    """What a run would do with one shard at an output: skip, score, rescore or remove it."""
+
+    action: str  # skip | score | rescore | remove
+    shard_id: str
+    partition_uri: str
+    rows: int
+    why: str
+
+
+def changes(plan: Plan) -> list[Change]:
+    """What a run of this plan would do at its output (`batchinfer plan --output`), shard by shard."""
+    storage = Storage(plan.settings.output_uri, plan.config.input.storage_options)
+    layout = Layout(plan.settings.output_uri)
+    before: dict[str, dict[str, Any]] = {s["shard_id"]: s for s in plan.previous.get("shards") or [] if "shard_id" in s}
+    earlier_fingerprints = {s.get("partition_uri"): s.get("partition_fingerprint") for s in before.values()}
+    present = {n.removesuffix(".json") for n in storage.list_names(layout.markers_dir) if n.endswith(".json")}
+    out: list[Change] = []
+    for shard in plan.shards:
+        if shard.shard_id in plan.done:
+            out.append(Change("skip", shard.shard_id, shard.partition_uri, shard.num_rows, "done"))
+        elif earlier_fingerprints.get(shard.partition_uri) not in (None, shard.partition_fingerprint):
+            out.append(Change("rescore", shard.shard_id, shard.partition_uri, shard.num_rows, "its input changed"))
+        elif shard.shard_id in present:
+            out.append(Change("rescore", shard.shard_id, shard.partition_uri, shard.num_rows, "its marker is stale"))
+        else:
+            out.append(Change("score", shard.shard_id, shard.partition_uri, shard.num_rows, "not scored yet"))
+    planned = {s.shard_id for s in plan.shards}
+    current = {p.uri for p in plan.partitions}
+    for shard_id in sorted(present - planned):
+        entry = before.get(shard_id) or (read_marker(storage, plan.settings.output_uri, shard_id) or {}).get("shard")
+        entry = entry or {}
+        uri = entry.get("partition_uri", "")
+        why = "its input changed" if uri in current else "its input is gone"
+        out.append(Change("remove", shard_id, uri, int(entry.get("num_rows") or 0), why))
+    return out
 
 
 def rescore(plan: Plan, shard_ids: list[str]) -> list[Shard]:
@@ -518,20 +679,17 @@ def start_run(plan: Plan) -> None:
     layout = Layout(plan.settings.output_uri)
     storage.remove(layout.success)
     for folder in (layout.shards_dir, layout.errors_dir, layout.markers_dir, layout.predictions_dir, layout.root):
-        removed = storage.remove_stale_temps(folder)
+        removed = storage.remove_stale_temps(folder, recursive=folder == layout.predictions_dir)
         if removed:
             log.info("removed %d temporary file(s) left in %s by an interrupted attempt", removed, folder)
     orphans = remove_orphaned_temps() + remove_orphaned_temps(str(hf_cache()))
     if orphans:
         log.info("removed %d temporary file(s) that killed processes left in the system's temp folder", orphans)
-    storage.write_json(layout.manifest, manifest(plan, state="running"))
+    write_manifest(storage, layout, manifest(plan, state="running"))
     progress.emit(progress.Event("plan", total_rows=plan.total_rows, total_shards=len(plan.shards)))
-    for shard_id in plan.done:
-        progress.emit(progress.Event("shard_skipped", shard_id, rows=_rows(plan, shard_id)))
-
-
-def _rows(plan: Plan, shard_id: str) -> int:
-    return next(s.num_rows for s in plan.shards if s.shard_id == shard_id)
+    for shard in plan.shards:
+        if shard.shard_id in plan.done:
+            progress.emit(progress.Event("shard_skipped", shard.shard_id, rows=shard.num_rows))
 
 
 def run_shard(config: RunConfig, settings: ShardSettings, shard: Shard, *, run: str = "") -> ShardStats:
@@ -542,12 +700,22 @@ def run_shard(config: RunConfig, settings: ShardSettings, shard: Shard, *, run: 
     """
     storage = Storage(settings.output_uri, settings.storage_options)
     marker = read_marker(storage, settings.output_uri, shard.shard_id)
-    if is_done(marker, shard, settings) and storage.exists(Layout(settings.output_uri).shard(shard.shard_id)):
+    if is_done(marker, shard, settings) and _intact(storage, settings, shard, marker):  # type: ignore[arg-type]
         log.info("shard %s was committed by an earlier attempt; not scored again", shard.shard_id)
         return ShardStats.from_marker(marker)  # type: ignore[arg-type]
     devices = engine_assigned(discover(config.compute.devices))
     configure_threads(devices, config.compute.cpu_threads)
     return score_shard(shard, settings, model_spec(config), devices, run=run, storage=storage)
+
+
+def _intact(storage: Storage, settings: ShardSettings, shard: Shard, marker: dict[str, Any]) -> bool:
+    """The shard's file is the one its marker records (a marker whose file is gone or changed proves nothing)."""
+    uri = Layout(settings.output_uri).shard(shard.shard_id)
+    try:
+        storage.invalidate(uri)  # s3fs may still list a file deleted since
+        return not storage.unchanged(uri, marker["file"], storage.info(uri))
+    except BatchInferError:
+        return False
 
 
 def manifest(
@@ -579,10 +747,8 @@ def manifest(
         "features": list(plan.settings.features),
         "text_column": plan.settings.text_column,
         "output": plan.settings.output.to_dict(),
-        "partitions": [
-            {"uri": p.uri, "rows": p.num_rows, "row_groups": len(p.row_groups), "fingerprint": p.fingerprint}
-            for p in plan.partitions
-        ],
+        "partitions": partition_entries(plan),
+        "schemas": {_schema_id(p.schema): p.schema for p in plan.partitions},
         "shards": shards,
         "totals": {
             "partitions": len(plan.partitions),
@@ -591,3 +757,56 @@ def manifest(
         },
         "validation": validation,
     }
+
+
+# Beyond this many shards the manifest is written on one line: indented JSON goes through Python's own encoder,
+# 3-4x slower than the C one (BENCHMARKS.md, "Incremental runs").
+MANIFEST_INDENTED_SHARDS = 256
+
+
+def write_manifest(storage: Storage, layout: Layout, data: dict[str, Any]) -> None:
+    indent = 2 if len(data.get("shards") or ()) <= MANIFEST_INDENTED_SHARDS else None
+    storage.write_json(layout.manifest, data, indent=indent)
+
+
+def partition_entries(plan: Plan) -> list[dict[str, Any]]:
+    """The manifest's partitions: where each is and what it holds, its key range once checked (the key
+    index of the next run) and the record of its merged part (kept from the earlier run while unchanged)."""
+    earlier = {e.get("uri"): e for e in plan.previous.get("partitions") or [] if isinstance(e, dict)}
+    entries = []
+    for part in plan.partitions:
+        entry: dict[str, Any] = {
+            "uri": part.uri,
+            "part": part.part,
+            "rows": part.num_rows,
+            "row_groups": len(part.row_groups),
+            "fingerprint": part.fingerprint,
+            # What the footer said, for the next run to skip reading it while the file stays the same.
+            "size": part.size,
+            "stamp": part.stamp,
+            "content": part.content,
+            "row_group_rows": list(part.row_groups),
+            "schema": _schema_id(part.schema),
+        }
+        if part.hive:
+            entry["hive"] = dict(part.hive)
+        if part.uri in plan.key_ranges:
+            entry["keys"] = plan.key_ranges[part.uri]
+        before = earlier.get(part.uri) or {}
+        if before.get("fingerprint") == part.fingerprint and "part_file" in before:
+            entry["part_shards"], entry["part_file"] = before.get("part_shards"), before["part_file"]
+        entries.append(entry)
+    return entries
+
+
+_SCHEMA_IDS: dict[tuple[tuple[str, str], ...], str] = {}
+
+
+def _schema_id(schema: dict[str, str]) -> str:
+    """A schema's digest; partitions share a few schemas, so each is hashed once."""
+    key = tuple(schema.items())
+    if key not in _SCHEMA_IDS:
+        if len(_SCHEMA_IDS) > 256:
+            _SCHEMA_IDS.clear()
+        _SCHEMA_IDS[key] = schema_digest(schema)
+    return _SCHEMA_IDS[key]

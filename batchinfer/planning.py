@@ -1,26 +1,39 @@
 """Listing partitions and planning shards, from Parquet metadata alone.
 
-A shard is a run of whole row groups of one partition, about `shard_rows` rows.
-Its id hashes the partition URI, the partition fingerprint (size + etag/mtime)
-and the row range, so ids stay stable while the input is unchanged and a marker
-stays valid when unrelated partitions change.
+A partition is a file whose footer says it is Parquet, whatever its name (Spark writes `part-00000`).
+Its fingerprint comes from its content: on object stores the store's checksum of the bytes (the ETag),
+on a local disk the size and the footer's bytes (row groups, column chunk sizes and offsets, statistics).
+A touch or a copy keeps it; a rewrite changes it (BENCHMARKS.md, "Fingerprints", for the choice).
+
+A shard is a run of whole row groups of one partition, about `shard_rows` rows. Its id hashes the
+partition URI, the partition fingerprint and the row range, so ids stay stable while the input is
+unchanged and a marker stays valid when unrelated partitions change.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import logging
+import posixpath
 import re
-from dataclasses import asdict, dataclass, field
+import struct
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinfer.errors import InputError, SchemaError
-from batchinfer.storage import Storage
+from batchinfer.partitions import PartitionFilter, arrow_type, hive_segments, typed_value
+from batchinfer.storage import FileInfo, Storage
 
 log = logging.getLogger(__name__)
+
+MAGIC = b"PAR1"
+# One read of a file's last 64 KiB holds the footer of most files; a larger footer takes a second read.
+TAIL_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -33,10 +46,27 @@ class Partition:
     num_rows: int
     row_groups: tuple[int, ...]
     schema: dict[str, str] = field(default_factory=dict)
+    content: str = ""  # the store's checksum, or a digest of the footer
+    stamp: str = ""  # FileInfo.stamp when the footer was read
+    relative: str = ""  # the path under the input folder
+    hive: tuple[tuple[str, str | None], ...] = ()  # `key=value` folders above it
 
     @property
     def fingerprint(self) -> str:
-        return _digest(f"{self.size}|{self.version}")
+        return _digest(f"{self.size}|{self.content or self.version}")
+
+    @property
+    def part(self) -> str:
+        """Its merged part under predictions/: its own path under the input, so no other partition renames it."""
+        name = self.relative or posixpath.basename(self.uri)
+        return name if name.endswith(".parquet") else f"{name}.parquet"
+
+    def columns(self, types: dict[str, str] | None = None) -> dict[str, str]:
+        """The file's columns and its partition columns, by name and Arrow type."""
+        own = dict(self.schema)
+        for name, _ in self.hive:
+            own.setdefault(name, str(arrow_type(types or {}, name)))
+        return own
 
 
 @dataclass(frozen=True)
@@ -51,32 +81,84 @@ class Shard:
     rg_stop: int
     row_start: int
     num_rows: int
+    part: str = ""  # the partition's merged part (Partition.part)
+    hive: tuple[tuple[str, str | None], ...] = ()  # the partition's `key=value` folders
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**self.__dict__, "hive": [list(pair) for pair in self.hive]}  # dataclasses.asdict: 10x slower
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shard:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        fields = cls.__dataclass_fields__
+        values = {k: data[k] for k in fields if k in data}
+        values["hive"] = tuple(tuple(pair) for pair in values.get("hive") or ())
+        return cls(**values)
 
 
 def _digest(text: str, size: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:size]
 
 
-def read_partition(storage: Storage, uri: str, size: int, version: str) -> Partition:
-    """Read one file's footer; a file that is not Parquet fails with its name."""
+def read_footer(storage: Storage, info: FileInfo) -> bytes | None:
+    """The file's Parquet footer (metadata, its length, the magic), or None when the file is not Parquet."""
+    if info.size < 12:
+        return None
+    start = max(info.size - TAIL_BYTES, 0)
+    tail = storage.read_range(info.uri, start, info.size)
+    if tail[-4:] != MAGIC:
+        return None
+    length = struct.unpack("<I", tail[-8:-4])[0]
+    if length + 12 > info.size:
+        return None
+    if length + 8 > len(tail):
+        tail = storage.read_range(info.uri, info.size - length - 8, info.size)
+    return tail[-(length + 8) :]
+
+
+def read_partition(storage: Storage, info: FileInfo, *, named: bool = True) -> Partition | None:
+    """Read one file's footer. A file that is not Parquet fails with its name, unless `named` is False
+    (no `.parquet` in its name) and it does not start like Parquet either: then it is not input (None)."""
+    uri = info.uri
     try:
-        with storage.open(uri) as handle:
-            meta = pq.ParquetFile(handle).metadata
-            schema = meta.schema.to_arrow_schema()
+        footer = read_footer(storage, info)
+        if footer is None:
+            if not named and storage.read_range(uri, 0, 4) != MAGIC:
+                return None
+            with storage.open(uri) as handle:  # pyarrow's own words for what is wrong
+                pq.ParquetFile(handle)
+            raise ValueError("Parquet magic bytes not found in footer")
+        meta = pq.ParquetFile(pa.BufferReader(MAGIC + footer)).metadata
+        schema = meta.schema.to_arrow_schema()
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for bad files
         raise InputError(f"{uri} is not a readable Parquet file ({_reason(exc)})", uri=uri) from exc
     row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     types = {name: str(schema.field(name).type) for name in schema.names}
-    return Partition(uri=uri, size=size, version=version, num_rows=meta.num_rows, row_groups=row_groups, schema=types)
+    content = info.checksum or f"footer:{hashlib.sha256(footer).hexdigest()}"
+    return Partition(
+        uri=uri,
+        size=info.size,
+        version=info.version,
+        num_rows=meta.num_rows,
+        row_groups=row_groups,
+        schema=types,
+        content=content,
+        stamp=info.stamp,
+        relative=info.relative,
+        hive=hive_segments(info.relative, uri),
+    )
+
+
+def current_fingerprint(storage: Storage, part: Partition) -> str:
+    """The partition's fingerprint as its file is now ("" when it is no longer Parquet)."""
+    storage.invalidate(part.uri)
+    try:
+        info = storage.info(part.uri)
+        found = read_partition(storage, replace(info, relative=part.relative))
+    except InputError:  # gone, or no longer Parquet
+        return ""
+    return found.fingerprint if found else ""
 
 
 def _reason(exc: BaseException) -> str:
@@ -84,12 +166,95 @@ def _reason(exc: BaseException) -> str:
     return text[:200]
 
 
-def list_partitions(storage: Storage, input_uri: str) -> list[Partition]:
-    """All Parquet partitions under the input URI, sorted by URI."""
-    files = storage.list_files(input_uri)
-    if not files:
-        raise InputError(f"no Parquet files under {input_uri}", uri=input_uri)
-    return [read_partition(storage, f.uri, f.size, f.version) for f in files]
+@dataclass(frozen=True)
+class KnownFooters:
+    """What an earlier run read in the footers of its partitions (its manifest), by URI.
+
+    A file whose size and stamp (the store's checksum; on a local disk its inode and its modification
+    and change times, which any write and `utime` update) are the ones recorded is the same file, and
+    its footer is not read again.
+    """
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    schemas: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any] | None) -> KnownFooters:
+        manifest = manifest or {}
+        entries = {e["uri"]: e for e in manifest.get("partitions") or [] if isinstance(e, dict) and e.get("uri")}
+        schemas = manifest.get("schemas") if isinstance(manifest.get("schemas"), dict) else {}
+        return cls(entries, schemas)
+
+    def partition(self, info: FileInfo) -> Partition | None:
+        entry = self.entries.get(info.uri)
+        if not entry or not info.stamp or entry.get("stamp") != info.stamp or entry.get("size") != info.size:
+            return None
+        rows, schema, content = entry.get("row_group_rows"), self.schemas.get(entry.get("schema")), entry.get("content")
+        if not isinstance(rows, list) or not isinstance(schema, dict) or not content:
+            return None
+        return Partition(
+            uri=info.uri,
+            size=info.size,
+            version=info.version,
+            num_rows=sum(rows),
+            row_groups=tuple(rows),
+            schema=dict(schema),
+            content=content,
+            stamp=info.stamp,
+            relative=info.relative,
+            hive=hive_segments(info.relative, info.uri),
+        )
+
+
+def schema_digest(schema: dict[str, str]) -> str:
+    return _digest(json.dumps(schema, sort_keys=True))
+
+
+def list_partitions(
+    storage: Storage,
+    input_uri: str,
+    *,
+    partitions: str | None = None,
+    partition_types: dict[str, str] | None = None,
+    known: KnownFooters | None = None,
+) -> list[Partition]:
+    """All Parquet partitions under the input URI that the partition filter selects, sorted by URI.
+
+    Footers are read for the files `known` does not hold as they are now.
+    """
+    selected = PartitionFilter(partitions, partition_types)
+    files = storage.list_files(input_uri, keep_folder=selected.folder_may_hold if selected else None)
+    if selected:
+        files = [f for f in files if selected.selects(hive_segments(f.relative, f.uri), f.uri)]
+    known = known or KnownFooters()
+
+    def read(info: FileInfo) -> Partition | None:
+        return known.partition(info) or read_partition(storage, info, named=info.uri.endswith(".parquet"))
+
+    found = storage.map(read, files)
+    result = [part for part in found if part is not None]
+    skipped = len(files) - len(result)
+    if skipped:
+        log.info("%d file(s) under %s are not Parquet (no Parquet footer); skipped", skipped, input_uri)
+    if not result:
+        chosen = f" selected by --partitions {partitions!r}" if selected else ""
+        raise InputError(f"no Parquet files{chosen} under {input_uri}", uri=input_uri)
+    _check_part_names(result)
+    for part in result:  # a bad value fails here, naming its file, rather than in a shard
+        for name, value in part.hive:
+            typed_value(name, value, partition_types or {}, part.uri)
+    return result
+
+
+def _check_part_names(partitions: list[Partition]) -> None:
+    seen: dict[str, str] = {}
+    for part in partitions:
+        if part.part in seen:
+            raise InputError(
+                f"{seen[part.part]} and {part.uri} would both be predictions/{part.part}; rename one of them",
+                uri=part.uri,
+            )
+        seen[part.part] = part.uri
 
 
 def plan_shards(partitions: list[Partition], shard_rows: int) -> list[Shard]:
@@ -124,6 +289,8 @@ def _make_shard(part: Partition, index: int, rg_start: int, rg_stop: int, row_st
         rg_stop=rg_stop,
         row_start=row_start,
         num_rows=rows,
+        part=part.part,
+        hive=part.hive,
     )
 
 
@@ -166,15 +333,36 @@ def check_schemas(
     features: list[str],
     text_columns: list[str],
     passthrough: list[str],
+    partition_types: dict[str, str] | None = None,
 ) -> None:
-    """Every partition has every needed column, with usable types that agree across partitions."""
+    """Every partition has every needed column, with usable types that agree across partitions.
+
+    Partition columns (`key=value` folders) count as columns; the key is never one (one value per file).
+    """
     needed = list(dict.fromkeys([key_column, *features, *text_columns, *passthrough]))
     reference: dict[str, tuple[str, str]] = {}
+    checked: set[tuple[Any, ...]] = set()
     for part in partitions:
+        layout = (tuple(part.schema.items()), tuple(name for name, _ in part.hive))
+        if layout in checked:  # a thousand partitions usually share one schema: check it once
+            continue
+        checked.add(layout)
+        columns = part.columns(partition_types)
+        hive = {name for name, _ in part.hive}
         for column in needed:
-            if column not in part.schema:
+            if column not in columns:
                 raise SchemaError(f"column {column!r} is missing from {part.uri}", uri=part.uri)
-            dtype = part.schema[column]
+            if column in hive and column in part.schema:
+                raise SchemaError(
+                    f"column {column!r} is both in {part.uri} and in its path ({column}=...); rename one of them",
+                    uri=part.uri,
+                )
+            if column == key_column and column in hive:
+                raise SchemaError(
+                    f"key column {key_column!r} is a partition column of {part.uri}: one value for all its rows",
+                    uri=part.uri,
+                )
+            dtype = columns[column]
             if column in reference and reference[column][0] != dtype:
                 first_type, first_uri = reference[column]
                 raise SchemaError(

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinfer.errors import InputError
+from batchinfer.partitions import constant_column
 from batchinfer.planning import Shard
 from batchinfer.storage import Storage, is_transient, storage_error
 
@@ -19,27 +20,38 @@ T = TypeVar("T")
 
 
 def iter_shard(
-    storage: Storage, shard: Shard, columns: list[str], chunk_rows: int, *, decode_threads: bool = False
+    storage: Storage,
+    shard: Shard,
+    columns: list[str],
+    chunk_rows: int,
+    *,
+    decode_threads: bool = False,
+    partition_types: dict[str, str] | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of the shard's row groups; never the whole partition at once.
 
+    Columns named after the partition's `key=value` folders are not in the file: each batch gets
+    them as one value repeated, typed by `partition_types` (strings otherwise).
     `decode_threads`: decode a chunk's columns on Arrow's thread pool. Worth it only where the cores are
     not busy with the model (an accelerator); on the CPU the prefetch thread alone overlaps the model.
     """
     uri = shard.partition_uri
+    hive = {name: value for name, value in shard.hive if name in columns}
     with storage.open(uri) as handle:
         try:
             parquet = pq.ParquetFile(handle)
             expected = sum(parquet.metadata.row_group(i).num_rows for i in range(shard.rg_start, shard.rg_stop))
             if shard.rg_stop > parquet.metadata.num_row_groups or expected != shard.num_rows:
                 raise InputError(f"{uri} changed since it was planned; plan again", uri=uri, shard_id=shard.shard_id)
+            hive = {name: value for name, value in hive.items() if name not in parquet.schema_arrow.names}
             batches = parquet.iter_batches(
                 batch_size=chunk_rows,
                 row_groups=range(shard.rg_start, shard.rg_stop),
-                columns=columns,
+                columns=[c for c in columns if c not in hive],
                 use_threads=decode_threads,
             )
-            yield from batches
+            for batch in batches:
+                yield _with_partition_columns(batch, columns, hive, partition_types or {}) if hive else batch
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -47,6 +59,16 @@ def iter_shard(
                 raise storage_error(exc, uri, "reading") from exc
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{uri} is corrupt or unreadable ({first})", uri=uri, shard_id=shard.shard_id) from exc
+
+
+def _with_partition_columns(
+    batch: pa.RecordBatch, columns: list[str], hive: dict[str, str | None], types: dict[str, str]
+) -> pa.RecordBatch:
+    arrays = [
+        constant_column(name, hive[name], types, batch.num_rows) if name in hive else batch.column(name)
+        for name in columns
+    ]
+    return pa.RecordBatch.from_arrays(arrays, names=columns)
 
 
 def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:

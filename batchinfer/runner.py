@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -72,6 +73,7 @@ class ShardSettings:
     storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     output: outputs.OutputSpec = field(default_factory=outputs.OutputSpec)
     run_id: str = field(default="", compare=False)  # the run that commits a shard, recorded in its marker
+    partition_types: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def text_columns(self) -> list[str]:
@@ -160,12 +162,14 @@ def score_shard(
         )
         start = time.perf_counter()
 
+        files: dict[str, Any] = {}
+
         def work() -> None:  # on the device's own thread: loading and scoring
             try:
                 predictor, stats.model_loaded = workers.model(device, spec)
             except BatchInferError as exc:
                 raise _LoadFailed(f"its model failed to load ({exc})") from exc
-            _score_and_commit(shard, settings, spec, predictor, device, storage, stats)
+            files.update(_score_and_commit(shard, settings, spec, predictor, device, storage, stats))
 
         try:
             workers.run(device, work)
@@ -178,7 +182,7 @@ def score_shard(
         stats.seconds = round(time.perf_counter() - start, 6)
         stats.finished_at = _now()
         faults.point("commit.data")
-        _write_marker(shard, settings, spec, stats, storage)
+        _write_marker(shard, settings, spec, stats, storage, files)
     progress.emit(progress.Event("shard_done", shard.shard_id, rows=stats.rows_in))
     log.info(
         "shard %s done on %s: %d rows in %.2f s (%d errors)",
@@ -230,7 +234,8 @@ def _score_and_commit(
     device: Device,
     storage: Storage,
     stats: ShardStats,
-) -> None:
+) -> dict[str, Any]:
+    """Score, check and commit the shard's files; return what proves them unchanged later (`file_record`)."""
     layout = Layout(settings.output_uri)
     in_storage = Storage(shard.partition_uri, settings.storage_options)
     text = spec.input_kind == "text"
@@ -243,19 +248,30 @@ def _score_and_commit(
     # Four stages overlap: the prefetch thread reads, decodes (and tokenizes, or on CUDA builds the pinned
     # feature matrix of) the next chunk; this thread queues a chunk's work on the device, then finishes the
     # chunk before it while the device runs; the writer thread encodes the finished chunk's output.
-    batches = iter_shard(in_storage, shard, columns, chunk_rows, decode_threads=device.is_accelerator)
+    batches = iter_shard(
+        in_storage,
+        shard,
+        columns,
+        chunk_rows,
+        decode_threads=device.is_accelerator,
+        partition_types=settings.partition_types,
+    )
     chunks = _prepared(batches, settings, predictor, text, device)
 
     # A chunk whose rows all failed is written only if no chunk has rows: its schema may not be the
     # others' (a regression that does not declare its width shows it in its values).
     empty: list[pa.Table] = []
     wrote = False
+    schema: list[pa.Schema] = []  # the file's, for merge-and-validate to compare across shards
 
     def finish(chunk: _Launched) -> None:
         nonlocal wrote
         table, bad_keys, bad_reasons = chunk.table(settings, spec, shard)
+        _check_chunk(shard, settings, chunk.batch, table, bad_keys, first=not wrote)
         if table.num_rows:
             writer.write(table)
+            if not wrote:
+                schema.append(table.schema)
             wrote = True
         elif not empty:
             empty.append(table)
@@ -280,6 +296,7 @@ def _score_and_commit(
                 finish(previous)
             if not wrote and empty:
                 writer.write(empty[0])
+                schema.append(empty[0].schema)
             writer.close()
         except BaseException:
             writer.abort()
@@ -298,6 +315,48 @@ def _score_and_commit(
             _write_errors(layout, shard, settings, storage, error_keys, error_reasons)
         else:
             storage.remove(layout.errors(shard.shard_id))
+    return {
+        "file": storage.file_record(layout.shard(shard.shard_id)),
+        "errors_file": storage.file_record(layout.errors(shard.shard_id)) if error_keys else None,
+        "schema": hashlib.sha256(schema[0].remove_metadata().to_string().encode()).hexdigest()[:16],
+    }
+
+
+def _check_chunk(
+    shard: Shard, settings: ShardSettings, batch: pa.RecordBatch, table: pa.Table, bad_keys: list[Any], *, first: bool
+) -> None:
+    """The checks merge-and-validate relies on, run once here on each chunk before it is written: row counts,
+    the schema (on the first chunk with rows), and the checks of the output kind (batchinfer/outputs.py)."""
+    where = shard.partition_uri  # the run's line names the shard already
+    if table.num_rows + len(bad_keys) != batch.num_rows:
+        raise ShardFailedError(
+            f"{where}: row counts check failed: {table.num_rows} output + {len(bad_keys)} error rows "
+            f"from {batch.num_rows} input rows",
+            uri=where,
+            shard_id=shard.shard_id,
+        )
+    if not table.num_rows:  # a chunk whose rows all failed: its columns may not show the width yet
+        return
+    try:
+        if first:
+            _check_schema(table, settings, str(batch.schema.field(settings.key_column).type))
+        outputs.check(table, settings.output)
+    except outputs.OutputInvalid as exc:
+        raise ShardFailedError(f"{where}: {exc}", uri=where, shard_id=shard.shard_id) from None
+
+
+def _check_schema(table: pa.Table, settings: ShardSettings, key_type: str) -> None:
+    kinds = dict(outputs.expected_schema(settings.output, table.column_names))
+    expected = [settings.key_column, *kinds, *settings.passthrough]
+    if table.column_names != expected:
+        raise outputs.OutputInvalid(f"schema check failed: columns {table.column_names}, expected {expected}")
+    if str(table.schema.field(settings.key_column).type) != key_type:
+        raise outputs.OutputInvalid(f"schema check failed: key type {table.schema.field(0).type}, expected {key_type}")
+    for name, dtype in kinds.items():
+        if not table.schema.field(name).type.equals(dtype):
+            raise outputs.OutputInvalid(
+                f"schema check failed: {name} is {table.schema.field(name).type}, expected {dtype}"
+            )
 
 
 def _check_error_ratio(shard: Shard, settings: ShardSettings, stats: ShardStats, reasons: list[str]) -> None:
@@ -730,16 +789,34 @@ def _check_outputs(values: np.ndarray, spec: ModelSpec, shard: Shard, keys: pa.A
         )
 
 
-def _write_marker(shard: Shard, settings: ShardSettings, spec: ModelSpec, stats: ShardStats, storage: Storage) -> None:
+# Version 2: the marker records the checks its shard passed at commit and the size and checksum of its files.
+MARKER_VERSION = 2
+# What a committed shard's marker records as passed; merge-and-validate trusts a marker that lists them all.
+SHARD_CHECKS = ("schema", "row counts", "keys match the input", "finite", "output kind")
+
+
+def _write_marker(
+    shard: Shard,
+    settings: ShardSettings,
+    spec: ModelSpec,
+    stats: ShardStats,
+    storage: Storage,
+    files: dict[str, Any],
+) -> None:
     layout = Layout(settings.output_uri)
     marker = {
         **stats.to_dict(),
+        "marker_version": MARKER_VERSION,
         "shard": shard.to_dict(),
         "model_fingerprint": settings.model_fingerprint,
         "output_fingerprint": settings.output_fingerprint,
         "run_id": settings.run_id,
         "output": layout.shard(shard.shard_id),
         "errors": layout.errors(shard.shard_id) if stats.rows_error else None,
+        "checks": list(SHARD_CHECKS),
+        "file": files.get("file"),
+        "errors_file": files.get("errors_file"),
+        "schema": files.get("schema"),
     }
     storage.write_json(layout.marker(shard.shard_id), marker)
 
@@ -754,8 +831,13 @@ def read_marker(storage: Storage, output_uri: str, shard_id: str) -> dict[str, A
 
 
 def is_done(marker: dict[str, Any] | None, shard: Shard, settings: ShardSettings) -> bool:
+    """The marker proves the shard done with these settings, and records its commit-time checks and files."""
     return bool(
         marker
+        and marker.get("marker_version", 1) >= MARKER_VERSION
+        and isinstance(marker.get("file"), dict)
+        and set(SHARD_CHECKS) <= set(marker.get("checks") or ())
+        and (marker.get("rows_error") == 0 or isinstance(marker.get("errors_file"), dict))
         and marker.get("shard_id") == shard.shard_id
         and marker.get("model_fingerprint") == settings.model_fingerprint
         and marker.get("output_fingerprint") == settings.output_fingerprint

@@ -18,11 +18,13 @@ import shutil
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
+import xxhash
 from fsspec.core import url_to_fs
 
 from batchinfer import faults
@@ -30,6 +32,8 @@ from batchinfer.config import resolve_references, scrub
 from batchinfer.errors import InputError, StorageError, TransientStorageError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 TMP_PREFIX = ".tmp-"
 _TRANSIENT_WORDS = (
@@ -183,11 +187,40 @@ def _strip_protocol(uri: str) -> str:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """A listed file: full URI, size in bytes and a version tag (etag or mtime)."""
+    """A listed file: full URI, size in bytes, a version tag (etag or mtime), its path under the listed
+    folder, and the store's checksum of its bytes where the store keeps one (S3's ETag; "" on a local disk)."""
 
     uri: str
     size: int
     version: str
+    relative: str = ""
+    checksum: str = ""
+    stamp: str = ""  # what changes whenever the file may have: the checksum, or inode and times on a local disk
+    mtime_ns: int = 0
+    inode: int = 0  # on a local disk
+
+
+# Files that Spark, Hive and Hadoop leave beside the data: `_SUCCESS`, `_committed_*`, `_started_*`,
+# `_temporary/`, hidden files (`.part-00000.crc`) and checksum files.
+_SIDE_SUFFIXES = (".crc",)
+# Listing a tree one folder at a time (to skip folders a filter refuses) reads this many folders at once.
+LIST_THREADS = 16
+IO_THREADS = 16
+_HASH_BLOCK = 8 << 20
+
+
+def is_side_file(relative: str) -> bool:
+    """True for what sits beside data and is never input: hidden or `_` names at any depth, `.crc` files."""
+    parts = relative.split("/")
+    return any(part.startswith((".", "_")) for part in parts) or parts[-1].endswith(_SIDE_SUFFIXES)
+
+
+def _checksum_of(info: dict[str, Any]) -> str:
+    for key in ("ChecksumSHA256", "ChecksumCRC64NVME", "ChecksumCRC32C", "ChecksumCRC32", "ChecksumSHA1"):
+        if info.get(key):
+            return f"{key.removeprefix('Checksum').lower()}:{info[key]}"
+    etag = info.get("ETag") or info.get("etag")
+    return f"etag:{str(etag).strip(chr(34))}" if etag else ""
 
 
 class Storage:
@@ -204,6 +237,8 @@ class Storage:
     # -- naming -------------------------------------------------------------
     def path(self, uri: str) -> str:
         """The filesystem's own path for a URI (no protocol)."""
+        if self.is_local and uri.startswith("/") and "//" not in uri and "/." not in uri:
+            return uri.rstrip("/") or "/"  # already what fsspec would make of it, at a fraction of the cost
         return self.fs._strip_protocol(_strip_protocol(uri))
 
     def uri(self, path: str) -> str:
@@ -244,30 +279,57 @@ class Storage:
 
     def info(self, uri: str) -> FileInfo:
         try:
+            if self.is_local:
+                path = self.path(uri)
+                return _local_info(path, os.stat(path))
             info = self.fs.info(self.path(uri))
         except Exception as exc:  # noqa: BLE001
             raise storage_error(exc, uri, "reading") from exc
         return self._file_info(info)
 
-    def _file_info(self, info: dict[str, Any]) -> FileInfo:
+    def _file_info(self, info: dict[str, Any], relative: str = "") -> FileInfo:
         version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
         if hasattr(version, "isoformat"):
             version = version.isoformat()
         if isinstance(version, float):
             version = repr(version)
-        return FileInfo(uri=self.uri(info["name"]), size=int(info.get("size") or 0), version=str(version).strip('"'))
+        checksum = "" if self.is_local else _checksum_of(info)
+        return FileInfo(
+            uri=self.uri(info["name"]),
+            size=int(info.get("size") or 0),
+            version=str(version).strip('"'),
+            relative=relative,
+            checksum=checksum,
+            stamp=checksum,
+        )
 
-    def list_files(self, uri: str, suffix: str = ".parquet") -> list[FileInfo]:
-        """Files under a folder, a glob or a single file, sorted; hidden and `_` files skipped."""
+    def list_files(
+        self, uri: str, suffix: str = "", *, keep_folder: Callable[[str], bool] | None = None
+    ) -> list[FileInfo]:
+        """Files under a folder, a glob or a single file, sorted, without what sits beside data (`is_side_file`).
+
+        Whether a file is Parquet is for its footer to say (planning), not its name; `suffix` keeps only the
+        names that end with it. `keep_folder(name)` False skips a folder of a folder input without listing
+        what it holds.
+        """
+        files = self._list_files(uri, keep_folder)
+        return [f for f in files if f.uri.endswith(suffix)] if suffix else files
+
+    def _list_files(self, uri: str, keep_folder: Callable[[str], bool] | None) -> list[FileInfo]:
         path = self.path(uri)
         try:
             self.fs.invalidate_cache()
             if any(ch in path for ch in "*?["):
                 found = self.fs.glob(path, detail=True)
+                root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0].rsplit("/", 1)[0]
+            elif self.is_local and os.path.isdir(path):
+                root = path.rstrip("/")
+                return _local_files(root, _local_tree(root, keep_folder, skip_side=True))
             elif self.fs.isfile(path):
-                found = {path: self.fs.info(path)}
+                found, root = {path: self.fs.info(path)}, posixpath.dirname(path.rstrip("/"))
             elif self.fs.isdir(path):
-                found = self.fs.find(path, detail=True)
+                root = path.rstrip("/")
+                found = self._walk(root, keep_folder) if keep_folder else self.fs.find(root, detail=True)
             else:
                 self.require_bucket(uri, "input")
                 raise InputError(f"input {uri} does not exist", uri=uri)
@@ -276,17 +338,123 @@ class Storage:
         except Exception as exc:  # noqa: BLE001
             raise storage_error(exc, uri, "listing") from exc
         files = []
-        root = path.rstrip("/")
+        root = root.rstrip("/")
         for name, info in sorted(found.items()):
             if info.get("type") == "directory":
                 continue
             relative = name[len(root) :].lstrip("/") if name.startswith(root + "/") else posixpath.basename(name)
-            if any(part.startswith((".", "_")) for part in relative.split("/")):
+            if is_side_file(relative):
                 continue
-            if suffix and not name.endswith(suffix):
-                continue
-            files.append(self._file_info(info))
+            files.append(
+                _local_info(name, os.stat(name), relative) if self.is_local else self._file_info(info, relative)
+            )
         return files
+
+    def _walk(self, root: str, keep_folder: Callable[[str], bool]) -> dict[str, dict[str, Any]]:
+        """`find` one folder level at a time, never entering a folder `keep_folder` refuses."""
+        found: dict[str, dict[str, Any]] = {}
+        level = [root]
+        with ThreadPoolExecutor(max_workers=1 if self.is_local else LIST_THREADS) as pool:
+            while level:
+                below = []
+                for folder, entries in zip(level, pool.map(lambda f: self.fs.ls(f, detail=True), level), strict=True):
+                    for info in entries:
+                        name = info["name"].rstrip("/")
+                        if name == folder:  # an object store's folder placeholder
+                            continue
+                        base = posixpath.basename(name)
+                        if info.get("type") == "directory":
+                            if not base.startswith((".", "_")) and keep_folder(base):
+                                below.append(name)
+                        else:
+                            found[name] = info
+                level = below
+        return found
+
+    def list_tree(self, uri: str, *, sizes: bool = True) -> dict[str, FileInfo]:
+        """Every file under a folder by its path relative to it ({} when the folder does not exist).
+
+        `sizes=False`: on a local disk, names and inodes only (no `stat` per file; sizes and times are 0).
+        """
+        path = self.path(uri).rstrip("/")
+        try:
+            if self.is_local:
+                if not sizes:
+                    return {
+                        name[len(path) + 1 :]: FileInfo(name, 0, "", name[len(path) + 1 :], inode=inode)
+                        for name, inode in _local_inodes(path).items()
+                    }
+                tree = _local_tree(path)
+                return {
+                    name[len(path) + 1 :]: _local_info(name, stat, name[len(path) + 1 :]) for name, stat in tree.items()
+                }
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                return {}
+            found = self.fs.find(path, detail=True)
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "listing") from exc
+        out = {}
+        for name, info in found.items():
+            if info.get("type") != "directory" and name.startswith(path + "/"):
+                relative = name[len(path) + 1 :]
+                out[relative] = self._file_info(info, relative)
+        return out
+
+    def read_range(self, uri: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file, in one request on object stores."""
+        try:
+            if self.is_local:
+                with open(self.path(uri), "rb") as handle:
+                    handle.seek(start)
+                    return handle.read(end - start)
+            return self.fs.cat_file(self.path(uri), start=start, end=end)
+        except Exception as exc:  # noqa: BLE001
+            raise storage_error(exc, uri, "reading") from exc
+
+    def file_record(self, uri: str) -> dict[str, Any]:
+        """What proves later that a file we wrote is unchanged: its size and a checksum of its bytes.
+
+        On object stores the store's own checksum (the ETag, set by the store from the bytes it
+        received). On a local disk an xxh3-128 of the bytes, plus the modification time, so that a check
+        can skip hashing a file that no write has touched since (BENCHMARKS.md, "Fingerprints").
+        """
+        if not self.is_local:
+            self.invalidate(uri)
+            info = self.info(uri)
+            return {"size": info.size, "checksum": info.checksum}
+        path = self.path(uri)
+        try:
+            stat = os.stat(path)
+            digest = hash_file(path)
+        except OSError as exc:
+            raise storage_error(exc, uri, "reading") from exc
+        return {"size": stat.st_size, "checksum": digest, "mtime_ns": stat.st_mtime_ns}
+
+    def unchanged(self, uri: str, record: dict[str, Any], listed: FileInfo | None) -> str:
+        """ "" when the file still matches `record` (from `file_record`), else what differs."""
+        if listed is None:
+            return "the file is missing"
+        if listed.size != record.get("size"):
+            return f"size {listed.size} bytes, {record.get('size')} when committed"
+        if not self.is_local:
+            return "" if listed.checksum == record.get("checksum") else "its checksum differs from the committed one"
+        if listed.mtime_ns == record.get("mtime_ns"):
+            return ""  # no write since it was committed (a write sets the time)
+        try:
+            digest = hash_file(self.path(uri))
+        except FileNotFoundError:
+            return "the file is missing"
+        except OSError as exc:
+            raise storage_error(exc, uri, "reading") from exc
+        return "" if digest == record.get("checksum") else "its checksum differs from the committed one"
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        """`fn` over `items` in order; many at once on object stores, where each call waits on the network."""
+        if self.is_local or len(items) < 2:
+            return [fn(item) for item in items]
+        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+            return list(pool.map(fn, items))
 
     @contextmanager
     def open(self, uri: str, mode: str = "rb") -> Iterator[IO[bytes]]:
@@ -299,6 +467,9 @@ class Storage:
 
     def read_bytes(self, uri: str) -> bytes:
         try:
+            if self.is_local:
+                with open(self.path(uri), "rb") as handle:
+                    return handle.read()
             return self.fs.cat_file(self.path(uri))
         except Exception as exc:  # noqa: BLE001
             raise storage_error(exc, uri, "reading") from exc
@@ -314,6 +485,8 @@ class Storage:
         """Base names directly under a folder ([] when it does not exist)."""
         path = self.path(uri)
         try:
+            if self.is_local:
+                return sorted(os.listdir(path)) if os.path.isdir(path) else []
             self.fs.invalidate_cache(path)
             if not self.fs.exists(path):
                 return []
@@ -407,8 +580,8 @@ class Storage:
             with open(tmp, "wb") as handle:
                 handle.write(data)
 
-    def write_json(self, uri: str, value: Any) -> None:
-        self.write_bytes(uri, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
+    def write_json(self, uri: str, value: Any, *, indent: int | None = 2) -> None:
+        self.write_bytes(uri, (json.dumps(value, indent=indent, sort_keys=True, default=str) + "\n").encode())
 
     def remove(self, uri: str, recursive: bool = False) -> None:
         path = self.path(uri)
@@ -474,16 +647,68 @@ class Storage:
         except Exception as exc:  # noqa: BLE001
             raise storage_error(exc, uri, "reading") from exc
 
-    def remove_stale_temps(self, folder_uri: str) -> int:
+    def remove_stale_temps(self, folder_uri: str, *, recursive: bool = False) -> int:
         """Delete temporary files a killed attempt left behind; return how many."""
         if not self.is_local:
             return 0
         removed = 0
-        for name in self.list_names(folder_uri):
-            if name.startswith(TMP_PREFIX):
+        names = list(self.list_tree(folder_uri, sizes=False)) if recursive else self.list_names(folder_uri)
+        for name in names:
+            if posixpath.basename(name).startswith(TMP_PREFIX):
                 self.remove(self.join(folder_uri, name))
                 removed += 1
         return removed
+
+    def remove_empty_folders(self, folder_uri: str) -> None:
+        """Remove empty folders under a local folder (object stores have none)."""
+        if not self.is_local:
+            return
+        root = self.path(folder_uri)
+        for folder, subfolders, files in os.walk(root, topdown=False):
+            if folder != root and not subfolders and not files:
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+
+    def _one_device(self, a: str, b: str) -> bool:
+        """Whether two local folders are on one filesystem (inode numbers compare only there); cached."""
+        known = self.__dict__.setdefault("_devices", {})
+        for folder in (a, b):
+            if folder not in known:
+                try:
+                    known[folder] = os.stat(folder).st_dev
+                except OSError:
+                    return False
+        return known[a] == known[b]
+
+    def same_file(
+        self,
+        source_uri: str,
+        target_uri: str,
+        record: dict[str, Any],
+        target: FileInfo | None,
+        source: FileInfo | None = None,
+    ) -> bool:
+        """True when `target` already holds the bytes of `source` (whose `file_record` is `record`).
+
+        `target` and `source` as listed; on a local disk one inode is one file, whatever its size says.
+        """
+        if target is None:
+            return False
+        if self.is_local and source is not None and target.inode and target.inode == source.inode:
+            if self._one_device(posixpath.dirname(source.uri), posixpath.dirname(target.uri)):
+                return True  # a hard link
+        if target.size != record.get("size") and (target.size or not self.is_local):
+            return False
+        if not self.is_local:
+            return bool(target.checksum) and target.checksum == record.get("checksum")
+        try:
+            if os.path.samefile(self.path(source_uri), self.path(target_uri)):
+                return True  # a hard link: no bytes to compare
+            return hash_file(self.path(target_uri)) == record.get("checksum")
+        except OSError:
+            return False
 
 
 def _etag(response: Any) -> str:
@@ -513,3 +738,76 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def hash_file(path: str) -> str:
+    """xxh3-128 of a local file's bytes, read in blocks."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return f"xxh3-128:{digest.hexdigest()}"
+
+
+def _local_tree(
+    root: str, keep_folder: Callable[[str], bool] | None = None, *, skip_side: bool = False
+) -> dict[str, os.stat_result]:
+    """Every file under a local folder with its stat (one `scandir` per folder; fsspec's `find` costs 10x)."""
+    found: dict[str, os.stat_result] = {}
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir():
+                    if skip_side and entry.name.startswith((".", "_")):
+                        continue
+                    if keep_folder is None or keep_folder(entry.name):
+                        folders.append(entry.path)
+                elif entry.is_file():
+                    found[entry.path] = entry.stat()
+    return found
+
+
+def _local_inodes(root: str) -> dict[str, int]:
+    """Every file under a local folder with its inode, which `scandir` gives without a `stat`."""
+    found: dict[str, int] = {}
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with entries:
+            for entry in entries:
+                if entry.is_dir():
+                    folders.append(entry.path)
+                elif entry.is_file():
+                    found[entry.path] = entry.inode()
+    return found
+
+
+def _local_info(path: str, stat: os.stat_result, relative: str = "") -> FileInfo:
+    return FileInfo(
+        uri=path,
+        size=stat.st_size,
+        version=repr(stat.st_mtime),
+        relative=relative,
+        stamp=f"{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_ctime_ns}",
+        mtime_ns=stat.st_mtime_ns,
+        inode=stat.st_ino,
+    )
+
+
+def _local_files(root: str, tree: dict[str, os.stat_result]) -> list[FileInfo]:
+    files = []
+    for path, stat in sorted(tree.items()):
+        relative = path[len(root) + 1 :]
+        if not is_side_file(relative):
+            files.append(_local_info(path, stat, relative))
+    return files

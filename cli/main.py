@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="print partitions and shards without running anything")
     _add_config_arguments(plan, ["input", "model", "compute"])
+    plan.add_argument(
+        "--output",
+        dest="output_uri",
+        default=None,
+        help="also show what a run into this output would do: shards skipped as done, scored, rescored, removed",
+    )
 
     rerun = sub.add_parser("rerun", help="rerun the failed or missing shards of the run recorded in an output")
     rerun.add_argument("--output", required=True)
@@ -190,6 +196,7 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
     """Check what can be checked without Prefect, then run the flow in this process."""
     from batchinfer.config import uses_secret_blocks
 
+    config = config.dated()  # the run's parameters hold the dates it scores, not the templates
     needs_prefect = uses_secret_blocks(config.storage_options)  # Secret blocks are read through Prefect's API
     if not needs_prefect:
         check_up_front(config)  # bad input fails here, before a server starts
@@ -328,16 +335,18 @@ def check_up_front(config: RunConfig) -> None:
     """Everything a run can reject without scoring: parameters, files, schemas, keys, the model, the output
     (another run holding it, or holding another run's results)."""
     from batchinfer.outputlock import check_free
-    from batchinfer.pipeline import check_keys_once, check_output, prepare
+    from batchinfer.pipeline import check_keys_once, check_output, key_index, prepare
     from batchinfer.storage import Storage
 
-    plan = prepare(config, check_existing=False)
-    check_keys_once(Storage(config.input.uri, config.storage_options), plan.partitions, config.input.key_column)
+    plan = prepare(config, check_existing=False)  # plan.previous: the output's run of this config, if any
     out = Storage(config.output.uri, config.storage_options)
+    known = {} if config.output.overwrite else key_index(plan.previous)
+    in_storage = Storage(config.input.uri, config.storage_options)
+    check_keys_once(in_storage, plan.partitions, config.input.key_column, known)
     out.require_bucket(config.output.uri, "--output")
     check_free(config.output.uri, config.storage_options)
-    if not config.output.overwrite:  # with --overwrite the flow replaces the old run; nothing is removed here
-        check_output(out, config, plan.settings.model_fingerprint)
+    if not config.output.overwrite and not plan.previous:  # with --overwrite the flow replaces the old run
+        check_output(out, config, plan.settings.model_fingerprint)  # refuses another configuration's output
 
 
 @contextlib.contextmanager
@@ -441,20 +450,54 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from batchinfer.pipeline import prepare
+    """Partitions and shards; with --output, what a run there would do with each shard. Nothing is written."""
+    from batchinfer.pipeline import as_recorded_model, changes, check_output, find_done, prepare, runs_model_code
+    from batchinfer.storage import Storage
 
+    output = getattr(args, "output_uri", None)
+    config = config_from_args(args, output=output or "/nonexistent-plan-only")
     # Models are code: the plan is made without importing, loading or running one (only the built-in
     # models' files, which are data, are read).
-    plan = prepare(config_from_args(args, output="/nonexistent-plan-only"), check_existing=False, run_model=False)
+    plan = prepare(config, check_existing=False, run_model=False)
+    actions: dict[str, Any] = {}
+    removed: list[Any] = []
+    if output:
+        out = Storage(plan.config.output.uri, plan.config.storage_options)
+        if runs_model_code(plan.config.model.model):
+            plan = as_recorded_model(plan)
+            print(
+                f"the model's code is not run by plan: shards are compared as if it were the model recorded at {output}"
+            )
+        if not plan.previous:  # an output of another configuration is refused; plan never overwrites
+            check_output(out, plan.config, plan.settings.model_fingerprint)
+        plan.done = find_done(out, plan)
+        for change in changes(plan):
+            if change.action == "remove":
+                removed.append(change)
+            else:
+                actions[change.shard_id] = change
     print(f"{len(plan.partitions)} partitions, {len(plan.shards)} shards, {plan.total_rows:,} rows")
+    if output:
+        counts = {a: sum(1 for c in [*actions.values(), *removed] if c.action == a) for a in _ACTIONS}
+        print(f"at {plan.config.output.uri}: " + ", ".join(f"{counts[a]} {word}" for a, word in _ACTIONS.items()))
     for index, part in enumerate(plan.partitions):
-        print(f"partition {index:05d} {part.uri}: {part.num_rows:,} rows, {len(part.row_groups)} row groups")
+        hive = "".join(f", {k}={v}" for k, v in part.hive)
+        print(f"partition {index:05d} {part.uri}: {part.num_rows:,} rows, {len(part.row_groups)} row groups{hive}")
         for shard in (s for s in plan.shards if s.partition_index == index):
+            change = actions.get(shard.shard_id)
+            what = f"  {_ACTIONS[change.action]} ({change.why})" if change else ""
             print(
                 f"  shard {shard.shard_id}: rows {shard.row_start:,}..{shard.row_start + shard.num_rows:,} "
-                f"({shard.num_rows:,} rows, row groups {shard.rg_start}..{shard.rg_stop - 1})"
+                f"({shard.num_rows:,} rows, row groups {shard.rg_start}..{shard.rg_stop - 1}){what}"
             )
+    for change in removed:
+        print(
+            f"shard {change.shard_id}: {_ACTIONS['remove']} ({change.partition_uri or 'unknown partition'}: {change.why})"
+        )
     return EXIT_OK
+
+
+_ACTIONS = {"skip": "skipped as done", "score": "scored", "rescore": "rescored", "remove": "removed"}
 
 
 def _manifest(output: str, storage_options: dict[str, Any]) -> dict[str, Any]:

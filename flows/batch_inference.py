@@ -25,7 +25,7 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed
-from prefect.utilities.annotations import unmapped
+from prefect.utilities.annotations import quote, unmapped
 
 from batchinfer.config import ComputeConfig, InputConfig, ModelConfig, OutputConfig, RunConfig
 from batchinfer.merge import RunReport
@@ -175,7 +175,9 @@ def batch_inference(
         compute: Devices, batch size, shard size and the engine that runs the shards.
     """
     started = time.perf_counter()
-    config = RunConfig.from_parameters(input, model, compute, output)
+    # Dates in the URIs and the filter are those of the run's scheduled time, so a late or retried nightly run
+    # still scores the day it was scheduled for.
+    config = RunConfig.from_parameters(input, model, compute, output).dated(flow_run.scheduled_start_time)
     check_targets(config)  # a refused run writes nothing, not even the output's lock
     # One run at a time per output, from before the plan until after `_SUCCESS`.
     with (
@@ -194,10 +196,12 @@ def batch_inference(
             plan.config.compute.engine,
         )
         results = score_shards(plan) if plan.pending else {}
-        report = merge_run(plan, results)
+        # Quoted: Prefect would otherwise visit every partition, shard and marker of the plan looking for
+        # futures, seconds per run over a thousand partitions (BENCHMARKS.md, "Incremental runs").
+        report = merge_run(quote(plan), quote(results))
         if report.damaged:  # committed shards whose files failed their check lost their markers: score them again
             results.update(score_shards(plan, rescore(plan, report.damaged)))
-            report = merge_run(plan, results)
+            report = merge_run(quote(plan), quote(results))
         publish(plan, results, report)
         if not report.ok:
             return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 NAN_KEY = 123
+SHORT_KEY = 7
 
 
 class TwoFeatureClassifier:
@@ -31,9 +32,22 @@ class NaNForOneKey(TwoFeatureClassifier):
         return out
 
 
+class ShortForOneKey(TwoFeatureClassifier):
+    """Like the sound model, but the probabilities of the row whose key is SHORT_KEY sum to 0.9."""
+
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        out = super().predict(batch)
+        out[batch[:, 0] == SHORT_KEY] *= 0.9
+        return out
+
+
 def good() -> TwoFeatureClassifier:
     return TwoFeatureClassifier()
 
 
 def nan_for_one_key() -> NaNForOneKey:
     return NaNForOneKey()
+
+
+def short_for_one_key() -> ShortForOneKey:
+    return ShortForOneKey()

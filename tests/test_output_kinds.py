@@ -131,10 +131,15 @@ def bad_shard(plan) -> str:
     ids=["multilabel-1.2", "embedding-not-unit-norm", "classifier-sum-not-1"],
 )
 def test_validation_refuses_what_the_kind_forbids(data: Path, tmp_path: Path, model: str, expected: str) -> None:
+    """A kind's checks run as each shard is committed: a shard that fails them commits nothing."""
     output = tmp_path / "out"
     plan = prepare_started(**job(data, output, f"tests.kind_models:{model}"))
-    report = merge_and_validate(plan, score_pending(plan))
-    assert_refused(output, report, bad_shard(plan), expected)
+    victim = next(s for s in plan.shards if s.shard_id == bad_shard(plan))
+    with pytest.raises(ShardFailedError) as failure:
+        run_shard(plan.config, plan.settings, victim)
+    assert str(failure.value) == f"{victim.partition_uri}: {expected}"
+    layout = Layout(str(output))
+    assert not Path(layout.marker(victim.shard_id)).exists() and not Path(layout.shard(victim.shard_id)).exists()
 
 
 def test_a_nan_regression_output_fails_its_shard(data: Path, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from batchinfer.planning import Shard
 from cli.main import RunFailed
 from tests.conftest import run_job
 from tests.core_helpers import GOOD_MODEL, prepare_started, score_pending, write_features
-from tests.models_for_validation import NAN_KEY
+from tests.models_for_validation import NAN_KEY, SHORT_KEY
 
 NAN_MODEL = "tests.models_for_validation:nan_for_one_key"
 ROWS_PER_PARTITION = 400
@@ -169,6 +169,22 @@ def test_model_emitting_nan_fails_its_shard(data: Path, tmp_path: Path) -> None:
     assert_refused(output, merge_and_validate(plan, results), victim.shard_id, "no marker")
 
 
+def test_probabilities_off_fail_the_shard_when_it_is_committed(data: Path, tmp_path: Path) -> None:
+    """The value checks run as the shard is written: a shard whose probabilities do not sum to 1 commits nothing."""
+    output = tmp_path / "out"
+    plan = prepare_started(**job(data, output, "tests.models_for_validation:short_for_one_key"))
+    victim = next(
+        s for s in plan.shards if s.partition_index == 0 and s.row_start <= SHORT_KEY < s.row_start + s.num_rows
+    )
+    expected = f"{victim.partition_uri}: probabilities check failed: key {SHORT_KEY} sums to 0.900000"
+    with pytest.raises(ShardFailedError) as failure:
+        run_shard(plan.config, plan.settings, victim)
+    assert str(failure.value) == expected
+    layout = Layout(str(output))
+    assert not Path(layout.marker(victim.shard_id)).exists()
+    assert not Path(layout.shard(victim.shard_id)).exists()
+
+
 @pytest.mark.usefixtures("prefect_server")
 def test_flow_fails_when_the_model_emits_nan(data: Path, tmp_path: Path) -> None:
     """Through Prefect the failed shard does not stop the others, but the run ends Failed, naming it."""
@@ -215,7 +231,7 @@ def test_one_shard_parts_are_the_shard_files(data: Path, tmp_path: Path) -> None
     layout = Layout(str(output))
     assert len(plan.shards) == 2
     for shard in plan.shards:
-        part, own = Path(layout.part(shard.partition_index)), Path(layout.shard(shard.shard_id))
+        part, own = Path(layout.part(shard.part)), Path(layout.shard(shard.shard_id))
         assert part.read_bytes() == own.read_bytes()
         assert os.path.samefile(part, own)
     assert not [p for p in (output / "predictions").iterdir() if p.name.startswith(".")]  # no temporary left
