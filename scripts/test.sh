@@ -9,4 +9,6 @@ scripts/install-browser.sh >/dev/null  # Debian Chromium for the UI test, if mis
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d -t batchinfer-prefect-XXXXXX)}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist), each test file whole on one: most tests wait on servers and subprocesses, so two
+# keep 2 cores busy (BENCHMARKS.md, "The test suite"). Each worker has its own device locks and Prefect home.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --durations=15 "$@"

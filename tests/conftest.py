@@ -25,6 +25,12 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+# Under pytest-xdist each worker stands for a host of its own: its own device locks and Prefect home.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER:
+    for _name, _leaf in (("BATCHINFER_LOCK_DIR", "batchinfer-devices"), ("PREFECT_HOME", "prefect")):
+        _base = os.environ.get(_name) or os.path.join(os.environ.get("TMPDIR", "/tmp"), _leaf)
+        os.environ[_name] = os.path.join(_base, _WORKER)
 
 from batchinfer import demo  # noqa: E402
 
