@@ -749,11 +749,10 @@ def hash_file(path: str) -> str:
     return f"xxh3-128:{digest.hexdigest()}"
 
 
-def _local_tree(
+def _walk_local(
     root: str, keep_folder: Callable[[str], bool] | None = None, *, skip_side: bool = False
-) -> dict[str, os.stat_result]:
-    """Every file under a local folder with its stat (one `scandir` per folder; fsspec's `find` costs 10x)."""
-    found: dict[str, os.stat_result] = {}
+) -> Iterator[os.DirEntry[str]]:
+    """Every file under a local folder, one `scandir` per folder (fsspec's `find` costs 10x)."""
     folders = [root]
     while folders:
         folder = folders.pop()
@@ -769,27 +768,19 @@ def _local_tree(
                     if keep_folder is None or keep_folder(entry.name):
                         folders.append(entry.path)
                 elif entry.is_file():
-                    found[entry.path] = entry.stat()
-    return found
+                    yield entry
+
+
+def _local_tree(
+    root: str, keep_folder: Callable[[str], bool] | None = None, *, skip_side: bool = False
+) -> dict[str, os.stat_result]:
+    """Every file under a local folder with its stat."""
+    return {entry.path: entry.stat() for entry in _walk_local(root, keep_folder, skip_side=skip_side)}
 
 
 def _local_inodes(root: str) -> dict[str, int]:
     """Every file under a local folder with its inode, which `scandir` gives without a `stat`."""
-    found: dict[str, int] = {}
-    folders = [root]
-    while folders:
-        folder = folders.pop()
-        try:
-            entries = os.scandir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        with entries:
-            for entry in entries:
-                if entry.is_dir():
-                    folders.append(entry.path)
-                elif entry.is_file():
-                    found[entry.path] = entry.inode()
-    return found
+    return {entry.path: entry.inode() for entry in _walk_local(root)}
 
 
 def _local_info(path: str, stat: os.stat_result, relative: str = "") -> FileInfo:

@@ -123,6 +123,7 @@ class Campaign:
         self.finished_runs = 0
         self.slowest_run = 0.0
         self.cases: list[str] = []
+        self.deck: list[str] = []
         self.clean: Output | None = None
 
     def args(self, output: Output, engine: str) -> list[str]:
@@ -182,17 +183,25 @@ class Campaign:
         if output.success():
             assert output.parts() == self.clean.parts(), f"{output.uri}: _SUCCESS over other data"
 
+    def next_phase(self) -> str:
+        """Phases dealt from a shuffled deck of all of them: every phase is killed before any is killed twice."""
+        if not self.deck:
+            self.deck = self.rng.sample(ORDER, len(ORDER))
+        return self.deck.pop()
+
     def case(self, index: int, kills: int) -> None:
         local = self.rng.random() < 0.6
         uri = str(self.tmp_path / f"out-{index}") if local else f"s3://{self.bucket}/out-{index}"
         output = Output(uri, None if local else self.fs)
         engine = self.rng.choice(["local", "local", "processes"])
-        phases = sorted((self.rng.choice(ORDER) for _ in range(kills)), key=ORDER.index)
+        phases = sorted((self.next_phase() for _ in range(kills)), key=ORDER.index)
         finished: dict[str, str] = {}  # shard id -> finished_at, for every shard committed before a kill
         made = 0
         for phase in phases:
             if self.kill_once(output, engine, phase):
                 made += 1
+            else:  # the run ended before that phase: deal it again
+                self.deck.append(phase)
             self.check_success_is_clean(output)
             for shard_id, marker in output.markers().items():
                 finished.setdefault(shard_id, marker["finished_at"])
@@ -240,3 +249,5 @@ def test_kill_campaign(tabular, tmp_path, s3_server):
     artifacts.mkdir(exist_ok=True)
     (artifacts / "kill-campaign.txt").write_text(summary + "\n")
     assert sum(campaign.kills.values()) == KILLS
+    if KILLS >= len(ORDER):
+        assert all(campaign.kills[phase] for phase in ORDER), summary
