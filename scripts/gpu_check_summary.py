@@ -67,6 +67,55 @@ if demo["status"] not in ("passed", "skipped"):
     problems.append(f"demo: {demo['status']}")
 
 
+def predictions(folder: Path) -> dict[str, Any] | None:
+    """A job's merged predictions, part after part (parts are named after their partitions), or None."""
+    import polars as pl
+
+    files = sorted((folder / "predictions").glob("*.parquet"))
+    return pl.concat([pl.read_parquet(f) for f in files]) if files else None
+
+
+# Engines: the demo's tabular job on Dask and Ray, on the devices the engine handed out, against the demo.
+engines: dict[str, Any] = {}
+for engine in ("dask", "ray"):
+    result = outcome(f"engine-{engine}")
+    if result["status"] == "skipped":
+        engines[engine] = {**result, "note": last_line(out / "demo.log", f"engine {engine}: skipped")}
+        continue
+    folder = tmp / "engines" / engine
+    markers = [json.loads(p.read_text()) for p in (folder / "markers").glob("*.json")]
+    result["devices"] = sorted({m.get("device", "?") for m in markers})
+    result["workers"] = len({(m.get("host"), m.get("pid")) for m in markers})
+    if result["status"] == "passed":
+        mine, demos = predictions(folder), predictions(tmp / "demo" / "output" / "tabular")
+        same = mine is not None and demos is not None and mine.columns == demos.columns and mine.height == demos.height
+        if same:
+            import polars as pl
+
+            floats = [c for c, t in mine.schema.items() if t in (pl.Float32, pl.Float64)]
+            diff = max((float((mine[c] - demos[c]).abs().max() or 0.0) for c in floats), default=0.0)
+            result["max_abs_diff_vs_local"] = diff
+            result["identical_to_local"] = mine.equals(demos)
+            same = diff <= 1e-6 and all(mine[c].equals(demos[c]) for c in mine.columns if c not in floats)
+        if not same:
+            result["status"] = "failed (predictions differ from the local engine's)"
+        elif cuda and not all(d.startswith("cuda:") for d in result["devices"]):
+            result["status"] = f"failed (shards ran on {', '.join(result['devices'])}, not on GPUs)"
+    if result["status"] != "passed":
+        problems.append(f"engine {engine}: {result['status']} (see demo.log)")
+    engines[engine] = result
+
+
+def engine_line(engine: str, e: dict[str, Any]) -> str:
+    if e["status"] != "passed":
+        return f"  - {engine}: {e['status']}" + (f": {e['note']}" if e.get("note") else "")
+    same = "identical to" if e.get("identical_to_local") else f"within {e.get('max_abs_diff_vs_local'):.1e} of"
+    return (
+        f"  - {engine}: passed in {e['seconds']} s, shards on {', '.join(e['devices'])} in {e['workers']} "
+        f"worker process(es); predictions {same} the local engine's"
+    )
+
+
 def samples() -> list[tuple[float, float, float]]:
     """nvidia-smi's (time, busy %, memory MiB) samples."""
     found = []
@@ -203,6 +252,8 @@ lines = [
     f"- GPU tests: {tests['status']}" + (f" ({tests['pytest']})" if tests["pytest"] else ""),
     f"- demo (devices auto): {demo['status']}, shards ran on "
     + "; ".join(f"{job}: {', '.join(found) or 'nothing'}" for job, found in demo["devices"].items()),
+    "- engines (the demo's tabular job):",
+    *(engine_line(engine, e) for engine, e in engines.items()),
     f"- throughput: {throughput['status']}",
     *(line for name, w in throughput["workloads"].items() for line in throughput_lines(name, w)),
     *(f"- note: {note}" for note in notes),
@@ -230,6 +281,7 @@ record = {
     "install": install,
     "tests": tests,
     "demo": demo,
+    "engines": engines,
     "throughput": throughput,
     "notes": notes,
     "problems": problems,

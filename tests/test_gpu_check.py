@@ -123,6 +123,10 @@ def test_without_cuda_the_check_falls_back_to_the_cpu_and_installs_the_travellin
     assert "every requirement of prefect, polars" in summary["install"]["line"]
     assert summary["tests"]["status"] == "skipped (no CUDA)"
     assert summary["demo"]["status"] == "passed" and summary["demo"]["devices"]["tabular"] == ["cpu"]
+    for engine in ("dask", "ray"):  # the demo's job on each engine, the same predictions as the local engine's
+        result = summary["engines"][engine]
+        assert result["status"] == "passed" and result["identical_to_local"], result
+        assert result["devices"] == ["cpu"] and result["workers"] >= 1
     mlp = summary["throughput"]["workloads"]["mlp"]
     assert mlp["status"] == "ok" and mlp["device"] == "cpu" and mlp["flow_vs_bare"] > 0
     assert mlp["auto_batch_sizes"] == [1024] and mlp["bare_batch_size"] == 1024  # "auto" on the CPU
