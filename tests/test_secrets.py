@@ -123,11 +123,16 @@ def _prefect_records() -> dict[str, bytes | str]:
 
 @pytest.mark.prefect_server
 @pytest.mark.usefixtures("prefect_server")
-def test_secrets_never_reach_outputs_logs_artifacts_or_messages(s3_job, capsys, caplog, monkeypatch):
+def test_secrets_never_reach_outputs_logs_artifacts_or_messages(s3_job, capsys, caplog, monkeypatch, request):
     option_secret, token, env_secret = _secret("optsecret"), _secret("optoken"), _secret("envsecret")
     secrets = [option_secret, token, env_secret]
     caplog.set_level(logging.DEBUG, logger="batchinfer")
     caplog.set_level(logging.INFO, logger="prefect")
+    # Prefect's logging setup may stop `batchinfer` records from reaching the root logger (an extra
+    # logger gets Prefect's handlers): listen on the logger itself, whatever ran before in this process.
+    core = logging.getLogger("batchinfer")
+    core.addHandler(caplog.handler)
+    request.addfinalizer(lambda: core.removeHandler(caplog.handler))
     terminal: dict[str, bytes | str] = {}
 
     # 1. Credentials in --storage-options (one nested inside client_kwargs).
