@@ -606,31 +606,26 @@ class Storage:
 
     def replace_if(self, uri: str, data: bytes, version: str) -> str | None:
         """Overwrite `uri` only while its version tag is `version`; the new tag, or None when it changed."""
+        out = self._if_match(uri, "put_object", "writing", version, Body=data)
+        return None if out is None else _etag(out)
+
+    def remove_if(self, uri: str, version: str) -> bool:
+        """Delete `uri` only while its version tag is `version`; False when it changed or is gone."""
+        return self._if_match(uri, "delete_object", "removing", version) is not None
+
+    def _if_match(self, uri: str, method: str, action: str, version: str, **params: Any) -> Any:
+        """S3's `method` on `uri` with If-Match `version`: its response, or None when the object changed or is gone."""
         bucket, key, _ = self.fs.split_path(self.path(uri))
         try:
-            out = self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{version}"')
+            out = self.fs.call_s3(method, Bucket=bucket, Key=key, IfMatch=f'"{version}"', **params)
         except FileNotFoundError:
             return None
         except Exception as exc:  # noqa: BLE001
             if _precondition_failed(exc):
                 return None
-            raise storage_error(exc, uri, "writing") from exc
+            raise storage_error(exc, uri, action) from exc
         self.fs.invalidate_cache(self.path(uri))
-        return _etag(out)
-
-    def remove_if(self, uri: str, version: str) -> bool:
-        """Delete `uri` only while its version tag is `version`; False when it changed or is gone."""
-        bucket, key, _ = self.fs.split_path(self.path(uri))
-        try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{version}"')
-        except FileNotFoundError:
-            return False
-        except Exception as exc:  # noqa: BLE001
-            if _precondition_failed(exc):
-                return False
-            raise storage_error(exc, uri, "removing") from exc
-        self.fs.invalidate_cache(self.path(uri))
-        return True
+        return out
 
     def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
         """An object's bytes and its version tag as read just before them, or None when it does not exist.
