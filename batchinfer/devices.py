@@ -14,7 +14,6 @@ import contextlib
 import contextvars
 import ctypes
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -216,11 +215,16 @@ class Lease:
     waited_for: str = ""  # who held the device while this shard waited, as the lock file said
 
 
+_RECORD_BYTES = 512
+
+
 def _holder(fd: int) -> str:
     """The holder a lock file names ('pid 123 on host, shard ..., run ...'), or '' when unknown."""
     try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        info = json.loads(os.pread(fd, 65536, 0) or b"{}")
     except (OSError, ValueError):
+        return ""
+    if not isinstance(info, dict) or "pid" not in info:
         return ""
     parts = [f"pid {info.get('pid')} on {info.get('host')}", f"shard {info.get('shard')}"]
     if info.get("run"):
@@ -257,9 +261,10 @@ def hold_device(
     """Own one of `devices` for a shard, through an exclusive `flock` on the device's lock file on this host.
 
     A free device is taken at once, those in `prefer` (say, with the model already loaded here) first.
-    When every device is held, by this run or by another process, the shard waits on one of them and
-    `on_wait` is told which device and who holds it. flock, not lockf: it also excludes other threads
-    of this process, and the kernel drops it the moment the holder dies, so a killed run leaks nothing.
+    When every device is held, by this run or by another process, the shard takes the first of them to
+    come free, and `on_wait` is told which devices and who holds each. flock, not lockf: it also excludes
+    other threads of this process, and the kernel drops it the moment the holder dies, so a killed run
+    leaks nothing.
     Devices that `broken()` names (name -> why) have left this process's pool and are never taken, also
     when one leaves while the shard waits for it; when that is every device, `NoHealthyDevice` says why.
     """
@@ -271,8 +276,11 @@ def hold_device(
     try:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "shard": shard_id, "run": run, "since": time.time()}
         with contextlib.suppress(OSError):  # a read-only lock file still locks; it just names no holder
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(info).encode(), 0)
+            # One write over the old record, padded, never an empty file: a shard reading it meanwhile
+            # sees the old holder or the new one.
+            record = json.dumps(info).encode().ljust(_RECORD_BYTES)
+            os.pwrite(fd, record, 0)
+            os.ftruncate(fd, len(record))
         yield lease
     finally:
         os.close(fd)  # closing the only descriptor drops its flock
@@ -299,12 +307,14 @@ def _take(
                 lease = Lease(device)
                 break
         if lease is None:
-            device = ordered[0] if prefer and ordered[0].name in prefer else ordered[_spread(shard_id, len(ordered))]
-            holder = _holder(fds[device.name])
-            on_wait(f"shard {shard_id} is waiting for {device.name}, held by {holder or 'another process'}")
+            holders = {name: _holder(fd) for name, fd in fds.items()}
+            waiting = "; or ".join(f"{name}, held by {who or 'another process'}" for name, who in holders.items())
+            on_wait(f"shard {shard_id} is waiting for {waiting}")
             started = time.perf_counter()
-            _wait_for_lock(fds.pop(device.name), shard_id, fds, device.name)
-            lease = Lease(device, round(time.perf_counter() - started, 3), holder)
+            name = _wait_for_any(fds, shard_id)
+            device = next(d for d in ordered if d.name == name)
+            # Unnamed when the wait began (a read-only lock file): the record the last holder left.
+            lease = Lease(device, round(time.perf_counter() - started, 3), holders[name] or _holder(fds[name]))
         return fds.pop(lease.device.name), lease
     finally:
         for other in fds.values():
@@ -335,45 +345,46 @@ def resume() -> None:
     WORKERS.forget_broken()
 
 
-def _wait_for_lock(fd: int, shard_id: str, fds: dict[str, int], name: str) -> None:
-    """Block until the lock on `fd` is ours (then `fds[name] = fd`), or raise `Stopped` on `stop_waiting`.
+def _wait_for_any(fds: dict[str, int], shard_id: str) -> str:
+    """Block until the first of the locks in `fds` is ours and return its device's name (its descriptor
+    left in `fds`), or raise `Stopped` on `stop()`.
 
-    The blocking flock runs on a daemon thread, so a stopping process never waits for another run's
-    shard to end; if the lock comes after the shard gave up, that thread drops it at once.
+    Each blocking flock runs on a daemon thread, so a stopping process never waits for another run's
+    shard to end. A thread whose lock comes after another one won, or after the shard gave up, drops it at once.
     """
-    wake, state = threading.Event(), {"gave_up": False, "got": False}
+    wake, state = threading.Event(), {"winner": "", "gave_up": False}
     guard = threading.Lock()
+    waiting = {name: fds.pop(name) for name in list(fds)}
 
-    def take() -> None:
+    def take(name: str, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)
         with guard:
-            if state["gave_up"]:
+            if state["winner"] or state["gave_up"]:
                 os.close(fd)  # drops the lock it just got
                 return
-            state["got"] = True
+            state["winner"] = name
         wake.set()
 
     with _waiting_lock:
         if _stopping.is_set():
-            os.close(fd)
+            for fd in waiting.values():
+                os.close(fd)
             raise Stopped(f"shard {shard_id} did not start: the run is stopping")
         _waiting.add(wake)
     try:
-        threading.Thread(target=take, name=f"batchinfer-wait-{name}", daemon=True).start()
+        for name, fd in waiting.items():
+            threading.Thread(target=take, args=(name, fd), name=f"batchinfer-wait-{name}", daemon=True).start()
         wake.wait()
     finally:
         with _waiting_lock:
             _waiting.discard(wake)
     with guard:
-        if not state["got"]:
+        if not state["winner"]:
             state["gave_up"] = True
             raise Stopped(f"shard {shard_id} did not start: the run is stopping")
-    fds[name] = fd
-
-
-def _spread(shard_id: str, count: int) -> int:
-    """Which busy device a shard waits on: spread by its id, so waiting shards do not all queue on one."""
-    return int(hashlib.sha256(shard_id.encode()).hexdigest()[:8], 16) % count
+        winner = str(state["winner"])
+    fds[winner] = waiting[winner]
+    return winner
 
 
 def use_device(device: Device) -> None:

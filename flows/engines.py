@@ -1,7 +1,7 @@
 """The task runner a run's shards go through, chosen by `compute.engine`, and what each shard asks of it.
 
 Prefect's own runners do the scheduling; this only picks one, sizes it, and asks the engine for one GPU
-per shard. With `local` (threads) and `processes`, at most one shard per device runs at once in the run;
+per shard. With `local` (threads) and `processes`, at most one shard per device scores at once in the run;
 with `dask` and `ray` the engine places each shard on a worker with a free GPU, so concurrency across the
 cluster equals its GPUs. On every engine a shard owns its device on its host through the device's lock
 (`batchinfer.devices.hold_device`), so runs sharing a host never share a device.
@@ -42,7 +42,9 @@ def task_runner(config: RunConfig, devices: int) -> TaskRunner:
             return RayTaskRunner(address=compute.engine_address)
         # A local Ray declares one GPU per device, so fake and CPU devices are placed like GPUs.
         return RayTaskRunner(init_kwargs={"num_gpus": workers, "include_dashboard": False})
-    return ThreadPoolTaskRunner(max_workers=workers)
+    # One task ahead per device: Prefect's start of the next shard's task (its state, its tag's check) runs
+    # while this shard scores, and the task then waits for the device inside (`hold_device`).
+    return ThreadPoolTaskRunner(max_workers=2 * workers)
 
 
 @contextlib.contextmanager

@@ -162,6 +162,47 @@ def test_a_device_is_held_by_one_shard_at_a_time_and_comes_back_when_the_shard_r
         assert lease.waited_for == "" and len(waits) == 1
 
 
+def test_a_waiting_shard_takes_whichever_device_comes_free_first(tmp_path, monkeypatch):
+    """With every device held, a shard names each holder and gets the first device released, whichever it is."""
+    _lock_dir(tmp_path, monkeypatch)
+    devices = discover("fake:3")
+    waits: list[str] = []
+    got: dict = {}
+    done = {shard: threading.Event() for shard in ("a" * 16, "b" * 16, "c" * 16, "d" * 16, "e" * 16)}
+
+    def hold(shard: str) -> None:
+        with hold_device(devices, shard, run=f"run-{shard[0]}", on_wait=waits.append) as lease:
+            got[shard] = lease
+            done[shard].wait(10)
+
+    def started(shard: str) -> threading.Thread:
+        thread = threading.Thread(target=hold, args=(shard,))
+        thread.start()
+        return thread
+
+    def held(shard: str) -> object:
+        deadline = time.time() + 5
+        while shard not in got and time.time() < deadline:
+            time.sleep(0.01)
+        return got[shard]
+
+    threads = [started(shard) for shard in ("a" * 16, "b" * 16, "c" * 16)]
+    owner = {held(shard).device.name: shard for shard in ("a" * 16, "b" * 16, "c" * 16)}
+    for waiter, freed in (("d" * 16, "fake:2"), ("e" * 16, "fake:1")):
+        threads.append(started(waiter))
+        time.sleep(0.3)
+        assert waiter not in got  # every device is held
+        done[owner[freed]].set()
+        lease = held(waiter)
+        assert lease.device.name == freed and f"shard {owner[freed]}, run-{owner[freed][0]}" in lease.waited_for
+        owner[freed] = waiter
+    assert len(waits) == 2 and all(waits[0].count(f"fake:{i}, held by pid {os.getpid()}") == 1 for i in range(3))
+    for event in done.values():
+        event.set()
+    for thread in threads:
+        thread.join(timeout=5)
+
+
 def test_free_devices_are_taken_first_and_preferred_ones_before_others(tmp_path, monkeypatch):
     _lock_dir(tmp_path, monkeypatch)
     devices = discover("fake:3")
@@ -263,7 +304,9 @@ def test_runs_on_one_host_never_share_a_device(tabular, tmp_path, control):
     pids, shards = {m["pid"] for m in markers}, {m["shard_id"] for m in markers}
     # A shard may wait for a shard of its own run (all devices held, one by a sibling); each names a real holder,
     # and the runs did wait for one another.
-    assert all(any(f"pid {pid} on " in m["waited_for"] for pid in pids) for m in waited)
+    assert all(any(f"pid {pid} on " in m["waited_for"] for pid in pids) for m in waited), [
+        m["waited_for"] for m in waited
+    ]
     assert all(any(f"shard {shard}," in m["waited_for"] for shard in shards) for m in waited)
     assert any(f"pid {m['pid']} " not in m["waited_for"] for m in waited)
     with get_client(sync_client=True) as client:
