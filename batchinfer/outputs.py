@@ -217,8 +217,13 @@ def _check_classifier(table: pa.Table, spec: OutputSpec) -> None:
     if not len(values):
         return
     width = values.shape[1]
-    # A float32 sum of 10 probabilities is within 1e-6 of the float64 one, far inside the tolerance.
-    sums = values @ np.ones(width, dtype=np.float32)
+    with warnings.catch_warnings():  # a read-only view of Arrow's buffer: nothing writes into it
+        warnings.simplefilter("ignore", UserWarning)
+        rows = torch.from_numpy(values)
+    # In torch, on the device thread's own threads: numpy's matmul would wake OpenBLAS's pool, whose
+    # spinning threads then take the cores from torch's. A float32 sum of 10 probabilities is within
+    # 1e-6 of the float64 one, far inside the tolerance.
+    sums = rows.sum(dim=1).numpy()
     off = np.abs(sums - 1.0) > PROBABILITY_TOLERANCE
     if off.any():
         i = int(np.flatnonzero(off)[0])
@@ -229,9 +234,6 @@ def _check_classifier(table: pa.Table, spec: OutputSpec) -> None:
         i = int(np.flatnonzero(outside)[0])
         raise OutputInvalid(f"prediction check failed: key {_key(table, i)!r} is class {predictions[i]}")
     # torch's row maximum runs on every core; numpy's over rows of 10 is 8x slower.
-    with warnings.catch_warnings():  # a read-only view of Arrow's buffer: nothing writes into it
-        warnings.simplefilter("ignore", UserWarning)
-        rows = torch.from_numpy(values)
     chosen = rows.gather(1, torch.from_numpy(predictions.astype(np.int64, copy=False))[:, None]).squeeze(1)
     wrong = (chosen != rows.amax(dim=1)).numpy()
     if wrong.any():
