@@ -24,7 +24,7 @@ from batchinfer.errors import ConfigError
 
 
 def task_runner(config: RunConfig, devices: int) -> TaskRunner:
-    """A fresh task runner for the run's shards; a local pool or cluster gets one worker per device."""
+    """A fresh task runner for the run's shards; a local process pool or cluster gets one worker per device."""
     compute, workers = config.compute, max(devices, 1)
     if compute.engine == "processes":
         return ProcessPoolTaskRunner(max_workers=workers, initializer=end_with_parent)
