@@ -257,6 +257,24 @@ def test_fake_devices_through_the_flow(tabular, tmp_path, control):
     assert not (output / "_SUCCESS").exists()
 
 
+@pytest.mark.usefixtures("prefect_server")
+def test_the_local_engine_starts_the_next_shard_task_while_a_shard_scores(tabular, tmp_path, control):
+    """One device: the next shard's task is already running, waiting for the device inside the task, while
+    the shard before it scores, so Prefect's start of a task never sits between two shards."""
+    (control / "sleep").write_text("0.3")
+    output = tmp_path / "out"
+    _run_controlled(tabular, str(output), "fake:1", shard_rows=6_000, batch_size=3_000)
+    markers = sorted(_markers(output), key=lambda m: m["started_at"])
+    assert len(markers) >= 3 and _max_overlap([_interval(m) for m in markers]) == 1
+    followed = [
+        (before, after)
+        for before, after in zip(markers, markers[1:], strict=False)
+        if after["waited_seconds"] > 0 and f"shard {before['shard_id']}," in after["waited_for"]
+    ]
+    assert followed, [(m["shard_id"], m["waited_seconds"], m["waited_for"]) for m in markers]
+    assert all(f"pid {after['pid']} " in after["waited_for"] for _, after in followed)  # its own run held it
+
+
 def _assert_each_device_held_once(markers: list[dict]) -> None:
     for device in {m["device"] for m in markers}:
         own = sorted(_interval(m) for m in markers if m["device"] == device)
