@@ -1,25 +1,37 @@
 """Engine overhead: the same MLP job on each engine at equal device counts (fake devices), side by side.
 
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2
+    .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2 --clusters running
 
 Every run is the real flow against one `prefect server start` (started first, its start-up not timed),
 in a fresh process per run, round-robin over the engines. Per engine: the flow's time; its time outside
 the shards (flow start to first shard start, last shard end to flow end, merge-and-validate included);
 and its per-shard overhead, (flow time x devices - sum of shard seconds) / shards. Each engine's
-overhead is reported against the local engine's flow time. Dask and Ray start their local cluster
-inside the flow, so their start-up counts.
+overhead is reported against the local engine's flow time.
+
+`--clusters started` (the default): Dask and Ray start their local cluster inside the flow, so their
+start-up counts. `--clusters running`: a Dask cluster (one worker process per device, each offering
+GPU=1) and a Ray head (`ray start --head --num-gpus N`) are started first, outside the timing, and the
+runs reach them by address (`--engine-address`, with `file://` paths), as a user's existing cluster is;
+one untimed run per engine comes first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import data
-from benchmarks.run import MARKDOWN, ROOT, PrefectServer, measure, update_markdown
+from benchmarks.run import MARKDOWN, ROOT, PrefectServer, _free_port, measure, update_markdown
 
 ENGINES = ("local", "processes", "dask", "ray")
 
@@ -32,8 +44,10 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
+    parser.add_argument("--clusters", choices=("started", "running"), default="started")
     parser.add_argument("--no-markdown", dest="markdown", action="store_false")
     args = parser.parse_args()
+    running = args.clusters == "running"
 
     bench = Path(args.bench_dir)
     checkpoint = data.checkpoint(bench)
@@ -44,29 +58,45 @@ def main() -> None:
     engines = args.engines.split(",")
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     try:
-        env = {**__import__("os").environ, **server.env(), "PYTHONPATH": str(ROOT)}
-        for _ in range(args.repeats):
-            for engine in engines:
-                params = {
-                    "model": "mlp",
-                    "checkpoint": str(checkpoint),
-                    "input": str(paths["columns"]),
-                    "output": str(work / f"out-{engine}"),
-                    "batch_size": args.batch_size,
-                    "threads": None,
-                    "devices": f"fake:{args.devices}",
-                    "engine": engine,
-                }
-                result = measure("flow", params, env, work / "runs.log")
-                runs[engine].append(result)
-                print(f"{engine}: flow {result['seconds']:.2f} s, {summary(result, args.devices)}", flush=True)
+        env = {**os.environ, **server.env(), "PYTHONPATH": str(ROOT)}
+        with contextlib.ExitStack() as stack:
+            addresses = stack.enter_context(clusters(engines, args.devices, env)) if running else {}
+            for repeat in range(args.repeats + (1 if running else 0)):
+                for engine in engines:
+                    output = work / f"out-{engine}"
+                    params = {
+                        "model": "mlp",
+                        "checkpoint": str(checkpoint),
+                        "input": str(paths["columns"]),
+                        "output": str(output),
+                        "batch_size": args.batch_size,
+                        "threads": None,
+                        "devices": f"fake:{args.devices}",
+                        "engine": engine,
+                    }
+                    if engine in addresses:  # every worker reaches these paths: the same machine
+                        shutil.rmtree(output, ignore_errors=True)
+                        params.update(
+                            engine_address=addresses[engine],
+                            checkpoint=f"file://{checkpoint}",
+                            input=f"file://{paths['columns']}",
+                            output=f"file://{output}",
+                        )
+                    result = measure("flow", params, env, work / "runs.log")
+                    if running and repeat == 0:
+                        print(f"{engine}: warm-up {result['seconds']:.2f} s (not counted)", flush=True)
+                        continue
+                    runs[engine].append(result)
+                    print(f"{engine}: flow {result['seconds']:.2f} s, {summary(result, args.devices)}", flush=True)
     finally:
         server.stop()
     rows = {e: summarize(r, args.devices) for e, r in runs.items()}
     base = rows.get("local", {}).get("flow_s")
+    flag = " --clusters running" if running else ""
+    where = "clusters running before the runs, reached by address" if running else "clusters started by each run"
     lines = [
-        f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}` "
-        f"({runs[engines[0]][0]['shards']} shards of 1,000,000 rows on {args.devices} fake devices, "
+        f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}{flag}` "
+        f"({runs[engines[0]][0]['shards']} shards of 1,000,000 rows on {args.devices} fake devices, {where}, "
         f"medians of {args.repeats}):",
         "",
         "| engine | flow s | outside shards s | per-shard overhead ms | overhead vs local flow |",
@@ -80,9 +110,43 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-    (ROOT / "benchmarks" / "results" / "engines.json").write_text(json.dumps(runs, indent=2) + "\n")
+    name = "engines-running" if running else "engines"
+    (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(runs, indent=2) + "\n")
     if args.markdown and MARKDOWN.exists():
-        update_markdown("Engines", body)
+        update_markdown("EnginesRunning" if running else "Engines", body)
+
+
+@contextlib.contextmanager
+def clusters(engines: list[str], devices: int, env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A Dask cluster and a Ray head on this machine, started before the runs: engine -> address."""
+    addresses: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        if "dask" in engines:
+            from distributed import LocalCluster
+
+            os.environ.update(env)  # the cluster's worker processes run Prefect's task engine: they need the API
+            from flows.engines import worker_threads
+
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=devices,
+                    threads_per_worker=1,
+                    resources={"GPU": 1},
+                    dashboard_address=None,
+                    env=worker_threads(devices),
+                )
+            )
+            addresses["dask"] = cluster.scheduler_address
+        if "ray" in engines:
+            # A cluster from `ray start` wants its token (Ray >= 2.59); drivers read it from ~/.ray/auth_token.
+            env["RAY_AUTH_MODE"] = "token"
+            port = _free_port()
+            ray = str(Path(sys.executable).with_name("ray"))
+            start = [ray, "start", "--head", f"--port={port}", f"--num-gpus={devices}", "--include-dashboard=false"]
+            subprocess.run(start, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stack.callback(subprocess.run, [ray, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, check=False)
+            addresses["ray"] = f"127.0.0.1:{port}"
+        yield addresses
 
 
 def summary(result: dict, devices: int) -> str:

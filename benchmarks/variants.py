@@ -327,6 +327,7 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         cpu_threads=params["threads"],
         precision=params.get("precision", "fp32"),
         engine=params.get("engine", "local"),
+        engine_address=params.get("engine_address"),
         storage_options=params.get("storage_options") or {},
     )
     started_at = time.time()  # wall clock, to line up with samples taken outside (e.g. nvidia-smi's GPU busy %)

@@ -33,7 +33,13 @@ def task_runner(config: RunConfig, devices: int) -> TaskRunner:
 
         if compute.engine_address:
             return DaskTaskRunner(address=compute.engine_address)
-        cluster = {"n_workers": workers, "threads_per_worker": 1, "resources": {"GPU": 1}, "dashboard_address": None}
+        cluster = {
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "resources": {"GPU": 1},
+            "dashboard_address": None,
+            "env": worker_threads(workers),
+        }
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
     if compute.engine == "ray":
         from prefect_ray import RayTaskRunner
@@ -45,6 +51,12 @@ def task_runner(config: RunConfig, devices: int) -> TaskRunner:
     # One task ahead per device: Prefect's start of the next shard's task (its state, its tag's check) runs
     # while this shard scores, and the task then waits for the device inside (`hold_device`).
     return ThreadPoolTaskRunner(max_workers=2 * workers)
+
+
+def worker_threads(workers: int) -> dict[str, str]:
+    """Torch threads for each of `workers` worker processes on one host: the cores split between them, as
+    the local engine splits them between CPU devices (Ray sets OMP_NUM_THREADS in its workers itself)."""
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // workers))}
 
 
 @contextlib.contextmanager
