@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import data
-from benchmarks.run import MARKDOWN, ROOT, PrefectServer, _free_port, measure, update_markdown
+from benchmarks.run import MARKDOWN, ROOT, PrefectServer, free_port, measure, update_markdown
 
 ENGINES = ("local", "processes", "dask", "ray")
 
@@ -58,9 +58,13 @@ def main() -> None:
     engines = args.engines.split(",")
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     try:
-        env = {**os.environ, **server.env(), "PYTHONPATH": str(ROOT)}
+        extra = {**server.env(), "PYTHONPATH": str(ROOT)}  # what the runs and the clusters' workers need
+        if running and "ray" in engines:
+            # A cluster from `ray start` wants its token (Ray >= 2.59); drivers read it from ~/.ray/auth_token.
+            extra["RAY_AUTH_MODE"] = "token"
+        env = {**os.environ, **extra}
         with contextlib.ExitStack() as stack:
-            addresses = stack.enter_context(clusters(engines, args.devices, env)) if running else {}
+            addresses = stack.enter_context(clusters(engines, args.devices, extra)) if running else {}
             for repeat in range(args.repeats + (1 if running else 0)):
                 for engine in engines:
                     output = work / f"out-{engine}"
@@ -117,14 +121,15 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def clusters(engines: list[str], devices: int, env: dict[str, str]) -> Iterator[dict[str, str]]:
-    """A Dask cluster and a Ray head on this machine, started before the runs: engine -> address."""
+def clusters(engines: list[str], devices: int, extra: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A Dask cluster and a Ray head on this machine, started before the runs: engine -> address. Their
+    worker processes run Prefect's task engine, so they get `extra` (the API's address, the path)."""
     addresses: dict[str, str] = {}
+    env = {**os.environ, **extra}
     with contextlib.ExitStack() as stack:
         if "dask" in engines:
             from distributed import LocalCluster
 
-            os.environ.update(env)  # the cluster's worker processes run Prefect's task engine: they need the API
             from flows.engines import worker_threads
 
             cluster = stack.enter_context(
@@ -133,14 +138,12 @@ def clusters(engines: list[str], devices: int, env: dict[str, str]) -> Iterator[
                     threads_per_worker=1,
                     resources={"GPU": 1},
                     dashboard_address=None,
-                    env=worker_threads(devices),
+                    env={**extra, **worker_threads(devices)},
                 )
             )
             addresses["dask"] = cluster.scheduler_address
         if "ray" in engines:
-            # A cluster from `ray start` wants its token (Ray >= 2.59); drivers read it from ~/.ray/auth_token.
-            env["RAY_AUTH_MODE"] = "token"
-            port = _free_port()
+            port = free_port()
             ray = str(Path(sys.executable).with_name("ray"))
             start = [ray, "start", "--head", f"--port={port}", f"--num-gpus={devices}", "--include-dashboard=false"]
             subprocess.run(start, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -161,9 +161,9 @@ def start_s3(work: Path, params: dict, env: dict) -> subprocess.Popen:
     """moto's S3 server with the input copied into a bucket; `params` then point at the bucket."""
     import s3fs
 
-    from benchmarks.run import _free_port
+    from benchmarks.run import free_port
 
-    port = _free_port()
+    port = free_port()
     log = open(work / "moto.log", "w")  # noqa: SIM115 - kept open for the server's life
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)

@@ -131,7 +131,7 @@ def measure(name: str, params: dict[str, Any], env: dict[str, str], log: Path) -
 # -- a Prefect server running before the flow starts -------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -141,7 +141,7 @@ def _free_port() -> int:
 class PrefectServer:
     home: Path
     log: Path
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     startup_seconds: float = 0.0
 

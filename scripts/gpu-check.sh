@@ -188,7 +188,6 @@ step "GPU tests" tests "$out/tests.log" $py -m pytest -q -p no:cacheprovider -m 
 step "demo (devices auto)" demo "$out/demo.log" $py -m cli demo --workdir "$tmp/demo" \
   --rows "${DEMO_ROWS:-200000}" --sentences "${DEMO_SENTENCES:-2000}"
 
-
 # GPU busy % and memory of cuda:0 (the first visible GPU), sampled with nvidia-smi's own clock every
 # 100 ms over the whole benchmark; the summary keeps the samples taken while each flow (and loop) ran.
 if [ "$cuda" = 1 ] && command -v nvidia-smi >/dev/null 2>&1; then

@@ -69,7 +69,7 @@ if demo["status"] not in ("passed", "skipped"):
 
 def predictions(folder: Path) -> dict[str, Any] | None:
     """A job's merged predictions, part after part (parts are named after their partitions), or None."""
-    import polars as pl
+    import polars as pl  # here, not at the top: the summary must be written even where the install failed
 
     files = sorted((folder / "predictions").glob("*.parquet"))
     return pl.concat([pl.read_parquet(f) for f in files]) if files else None
@@ -90,9 +90,7 @@ for engine in ("dask", "ray"):
         mine, demos = predictions(folder), predictions(tmp / "demo" / "output" / "tabular")
         same = mine is not None and demos is not None and mine.columns == demos.columns and mine.height == demos.height
         if same:
-            import polars as pl
-
-            floats = [c for c, t in mine.schema.items() if t in (pl.Float32, pl.Float64)]
+            floats = [c for c, t in mine.schema.items() if t.is_float()]
             diff = max((float((mine[c] - demos[c]).abs().max() or 0.0) for c in floats), default=0.0)
             result["max_abs_diff_vs_local"] = diff
             result["identical_to_local"] = mine.equals(demos)
