@@ -22,6 +22,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from batchinfer.config import RunConfig
 from batchinfer.errors import ConfigError
 
+TASKS_AHEAD = 3  # shard tasks started ahead of each device by the local engine
+
 
 def task_runner(config: RunConfig, devices: int) -> TaskRunner:
     """A fresh task runner for the run's shards; a local process pool or cluster gets one worker per device."""
@@ -48,9 +50,10 @@ def task_runner(config: RunConfig, devices: int) -> TaskRunner:
             return RayTaskRunner(address=compute.engine_address)
         # A local Ray declares one GPU per device, so fake and CPU devices are placed like GPUs.
         return RayTaskRunner(init_kwargs={"num_gpus": workers, "include_dashboard": False})
-    # One task ahead per device: Prefect's start of the next shard's task (its state, its tag's check) runs
-    # while this shard scores, and the task then waits for the device inside (`hold_device`).
-    return ThreadPoolTaskRunner(max_workers=2 * workers)
+    # Tasks ahead of each device: Prefect starts them (their states, their tag's check and the retries that
+    # check can meet on SQLite) while the shards before them score; each then waits for a device inside
+    # (`hold_device`). One ahead hides one retry; three hide two in a row (BENCHMARKS.md).
+    return ThreadPoolTaskRunner(max_workers=(1 + TASKS_AHEAD) * workers)
 
 
 def worker_threads(workers: int) -> dict[str, str]:
