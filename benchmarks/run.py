@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import data
+from cli.main import SERVER_SETTINGS
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -144,6 +145,8 @@ class PrefectServer:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     startup_seconds: float = 0.0
+    # How the README starts a server for repeated runs (cli.main.SERVER_SETTINGS), unless told otherwise.
+    settings: dict[str, str] = field(default_factory=lambda: dict(SERVER_SETTINGS))
 
     @property
     def api_url(self) -> str:
@@ -160,7 +163,7 @@ class PrefectServer:
     def start(self, timeout: float = 180.0) -> None:
         exe = Path(sys.executable).with_name("prefect")
         prefect = [str(exe)] if exe.exists() else [sys.executable, "-m", "prefect"]  # e.g. a system python3
-        env = {**os.environ, **self.env()}
+        env = {**os.environ, **self.env(), **self.settings}
         env.pop("PREFECT_API_URL")
         started = time.perf_counter()
         self.proc = subprocess.Popen(

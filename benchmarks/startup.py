@@ -2,9 +2,10 @@
 
     .venv/bin/python -m benchmarks.startup --repeats 3
 
-Three cases, each the real command in a fresh process on the same small MLP job (4 partitions of
-50,000 rows, one shard each): Prefect's embedded server with a fresh PREFECT_HOME (cold), the embedded
-server with that home again (warm), and a running `prefect server start` (PREFECT_API_URL set). From
+Each case is the real command in a fresh process on the same small MLP job (4 partitions of 50,000 rows,
+one shard each): Prefect's embedded server with a fresh PREFECT_HOME (cold), the embedded server with that
+home again (warm), and a running `prefect server start` (PREFECT_API_URL set), started as the README
+shows; the warm and running cases also with Prefect's own task-run recorder settings, side by side. From
 the shards' markers: command start to the first shard's start, the last shard's end to the command's
 end, and the sum in between that is not scoring.
 """
@@ -24,6 +25,12 @@ import time
 from pathlib import Path
 
 from benchmarks.run import ROOT, PrefectServer
+
+# Prefect 3.9's own values of what cli.main.SERVER_SETTINGS changes, set explicitly to compare.
+RECORDER_DEFAULTS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "1",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "5",
+}
 
 
 def run_once(work: Path, env: dict[str, str], label: str) -> dict[str, float]:
@@ -54,17 +61,32 @@ def main() -> None:
     demo.train_mlp(work / "mlp.safetensors", rows=2_000, steps=10)
     base = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     base.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONPATH=str(ROOT))
-    results: dict[str, list[dict[str, float]]] = {"embedded, cold": [], "embedded, warm": [], "running server": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "embedded, cold": [],
+        "embedded, warm": [],
+        "embedded, warm, Prefect's recorder settings": [],
+        "running server": [],
+        "running server, Prefect's recorder settings": [],
+    }
     server = PrefectServer(work / "server-home", work / "server.log")
+    plain = PrefectServer(work / "plain-home", work / "plain.log", settings=RECORDER_DEFAULTS)
     server.start()
+    plain.start()
     try:
         for repeat in range(args.repeats):
             home = work / f"home-{repeat}"
             results["embedded, cold"].append(run_once(work, {**base, "PREFECT_HOME": str(home)}, "cold"))
             results["embedded, warm"].append(run_once(work, {**base, "PREFECT_HOME": str(home)}, "warm"))
+            results["embedded, warm, Prefect's recorder settings"].append(
+                run_once(work, {**base, "PREFECT_HOME": str(home), **RECORDER_DEFAULTS}, "warm-plain")
+            )
             results["running server"].append(run_once(work, {**base, **server.env()}, "server"))
+            results["running server, Prefect's recorder settings"].append(
+                run_once(work, {**base, **plain.env()}, "server-plain")
+            )
     finally:
         server.stop()
+        plain.stop()
     lines = [
         f"`python -m benchmarks.startup --repeats {args.repeats}` (medians; 4 shards of 50,000 rows, one CPU device):",
         "",

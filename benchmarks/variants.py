@@ -306,11 +306,13 @@ def _precisions(device) -> tuple[str, ...]:
 @variant("flow")
 def flow(params: dict[str, Any]) -> dict[str, Any]:
     """batchinfer's Prefect flow, end to end, against the server in PREFECT_API_URL."""
-    from cli.main import prefect_api, quiet_prefect
+    from cli.main import prefect_api, quiet_prefect, settle_imports
 
     quiet_prefect(verbose=False)
     from batchinfer.config import DEFAULT_SHARD_ROWS, make_config
     from flows.batch_inference import batch_inference
+
+    settle_imports()  # as `batchinfer run` does once the flow is imported
 
     remote = "://" in params["output"]
     out_dir = params["output"] if remote else _fresh(params["output"])

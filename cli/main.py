@@ -28,6 +28,16 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM
 
 
+# For a Prefect server on SQLite (the embedded one, or `prefect server start` as the README shows): its
+# task-run recorder writes the events of a second in one transaction instead of one transaction per event.
+# Each commit between the read and the write of a task's tag check fails that check ("database is
+# locked"), and the client retries it 2 s later (BENCHMARKS.md, "A task tag's cost").
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL": "1",
+}
+
+
 def quiet_prefect(verbose: bool) -> None:
     """Environment for an in-process Prefect run: no telemetry, quiet console, our logs in the UI."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -251,6 +261,8 @@ def prefect_api() -> Iterator[None]:
 
         # The watchdog starts first: a kill while the server starts up must not leave it running either.
         watchdog = _end_with_this_process()
+        for name, value in SERVER_SETTINGS.items():  # the server's process takes this environment
+            os.environ.setdefault(name, value)
         server = SubprocessASGIServer()
         server.start()  # stopped when this process exits (Prefect's atexit)
         watchdog(server.server_process.pid)

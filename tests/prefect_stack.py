@@ -81,7 +81,10 @@ class PrefectStack:
         return proc
 
     def start_server(self, timeout: float = 120.0) -> None:
-        proc = self.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)])
+        from cli.main import SERVER_SETTINGS  # started as the README shows
+
+        argv = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        proc = self.start("server", argv, extra_env=SERVER_SETTINGS)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -153,6 +156,27 @@ class PrefectStack:
             time.sleep(0.5)
         tails = "\n".join(f"--- {name} ---\n{self.tail(name)}" for name in logs)
         raise TimeoutError(f"flow run {run_id} still {run.state_name} after {timeout} s\n{tails}")
+
+    def wait_for_task_runs(
+        self, client: Any, run_id: Any, count: int, prefix: str = "", timeout: float = 30.0
+    ) -> list[Any]:
+        """The flow run's task runs once `count` of those named PREFIX... are final. The server records task runs from the
+        events their process sent, in batches of up to a second (cli.main.SERVER_SETTINGS): a flow run can
+        be final before its last task run's state is recorded."""
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        runs: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            final = [r for r in runs if r.name.startswith(prefix) and r.state is not None and r.state.is_final()]
+            if len(final) >= count:
+                return runs
+            time.sleep(0.25)
+        states = sorted(f"{r.name}: {r.state_name}" for r in runs)
+        raise TimeoutError(
+            f"flow run {run_id}: {len(runs)} task runs recorded after {timeout} s, not {count}: {states}"
+        )
 
 
 _STACK: PrefectStack | None = None

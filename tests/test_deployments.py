@@ -338,7 +338,6 @@ def test_custom_run_through_the_api_scores_and_publishes_progress(stack, deploye
 
 @server
 def test_ui_retry_of_a_failed_run_reruns_only_the_failed_shard(stack, deployed, tabular, tmp_path):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     output, flag = tmp_path / "out", tmp_path / "fail-partition-2"
     flag.write_text("10000 10001")  # the first row of partition 2 (ids 10000..14999)
@@ -365,7 +364,7 @@ def test_ui_retry_of_a_failed_run_reruns_only_the_failed_shard(stack, deployed, 
 
         report = artifacts(client, run.id, "batchinfer-report")[0]
         table = artifacts(client, run.id, "batchinfer-shards")[0]
-        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        tasks = stack.wait_for_task_runs(client, run.id, count=5, prefix="shard-")  # 4, then the failed one again
 
     after = markers(output)
     [rerun] = set(after) - set(first)

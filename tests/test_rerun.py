@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from batchinfer.errors import InputError
-from cli.main import RunFailed, main
+from cli.main import SERVER_SETTINGS, RunFailed, main
 from tests.conftest import ROOT, free_port, python_path, run_job
 from tests.faulty_models import FEATURES
 from tests.proxy import Proxy
@@ -240,6 +240,12 @@ def test_sigterm_mid_run_exits_143_with_one_line_and_leaves_nothing_running(data
         time.sleep(0.05)
     children = _children(proc.pid)
     assert children, "the embedded server (and the pool's workers) run as child processes"
+    [server] = [pid for pid in children if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    environ = dict(
+        entry.split(b"=", 1) for entry in Path(f"/proc/{server}/environ").read_bytes().split(b"\0") if b"=" in entry
+    )
+    # The embedded server records task runs in batches, as cli.main.SERVER_SETTINGS asks.
+    assert {k: environ.get(k.encode(), b"").decode() for k in SERVER_SETTINGS} == SERVER_SETTINGS
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode in (130, 143)
