@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import ctypes
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -514,6 +515,20 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
     except (OSError, AttributeError):
         pass
+
+
+_IMPORTS_FROZEN = False
+
+
+def freeze_imports() -> None:
+    """Once per process, once torch and Prefect are imported: move every object alive now out of the
+    garbage collector's sight. Modules live as long as the process, yet each full collection during the
+    run, and those of Python's finalization at exit, would walk their hundreds of thousands of objects
+    again (BENCHMARKS.md, "Start-up"). Once only: a later call would also hide what has become garbage."""
+    global _IMPORTS_FROZEN
+    if not _IMPORTS_FROZEN:
+        _IMPORTS_FROZEN = True
+        gc.freeze()
 
 
 def configure_threads(devices: list[Device], cpu_threads: int | None) -> None:

@@ -23,7 +23,14 @@ import pyarrow.parquet as pq
 
 from batchinfer import devices, faults, progress
 from batchinfer.config import RunConfig, text_columns
-from batchinfer.devices import Device, configure_threads, discover, engine_assigned, limit_malloc_arenas
+from batchinfer.devices import (
+    Device,
+    configure_threads,
+    discover,
+    engine_assigned,
+    freeze_imports,
+    limit_malloc_arenas,
+)
 from batchinfer.errors import (
     BatchInferError,
     ConfigError,
@@ -705,6 +712,7 @@ def run_shard(config: RunConfig, settings: ShardSettings, shard: Shard, *, run: 
         return ShardStats.from_marker(marker)  # type: ignore[arg-type]
     devices = engine_assigned(discover(config.compute.devices))
     configure_threads(devices, config.compute.cpu_threads)
+    freeze_imports()  # a pool's or a cluster's worker process has imported all it needs by its first shard
     return score_shard(shard, settings, model_spec(config), devices, run=run, storage=storage)
 
 

@@ -306,13 +306,14 @@ def _precisions(device) -> tuple[str, ...]:
 @variant("flow")
 def flow(params: dict[str, Any]) -> dict[str, Any]:
     """batchinfer's Prefect flow, end to end, against the server in PREFECT_API_URL."""
-    from cli.main import prefect_api, quiet_prefect, settle_imports
+    from cli.main import prefect_api, quiet_prefect
 
     quiet_prefect(verbose=False)
     from batchinfer.config import DEFAULT_SHARD_ROWS, make_config
+    from batchinfer.devices import freeze_imports
     from flows.batch_inference import batch_inference
 
-    settle_imports()  # as `batchinfer run` does once the flow is imported
+    freeze_imports()  # as `batchinfer run` does once the flow is imported
 
     remote = "://" in params["output"]
     out_dir = params["output"] if remote else _fresh(params["output"])

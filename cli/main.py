@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -212,9 +211,10 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
     if not needs_prefect:
         check_up_front(config)  # bad input fails here, before a server starts
     quiet_prefect(verbose)
+    from batchinfer.devices import freeze_imports
     from flows.batch_inference import batch_inference
 
-    settle_imports()
+    freeze_imports()  # torch and Prefect are imported by now
     started = time.perf_counter()
     with prefect_api(), _progress_bar(show_progress), _quiet_console(verbose):
         if needs_prefect:
@@ -232,13 +232,6 @@ def run_flow(config: RunConfig, *, verbose: bool = False, show_progress: bool | 
     if isinstance(exc, BaseException) and not str(message).strip():
         message = f"{type(exc).__name__}: {exc}"
     raise RunFailed(str(message).strip().splitlines()[0] if message else "the run failed")
-
-
-def settle_imports() -> None:
-    """Move what the imports made (torch's and Prefect's modules, hundreds of thousands of objects) out of
-    the garbage collector's sight: they live as long as the process, yet every full collection during the
-    run, and those at exit, would walk them all again (BENCHMARKS.md, "Start-up")."""
-    gc.freeze()
 
 
 @contextlib.contextmanager
@@ -715,9 +708,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prefect.settings import PREFECT_API_URL
     from prefect.types.entrypoint import EntrypointType
 
+    from batchinfer.devices import freeze_imports
     from flows.batch_inference import batch_inference
 
-    settle_imports()
+    freeze_imports()  # torch and Prefect are imported by now
     if PREFECT_API_URL.value():
         check_api(PREFECT_API_URL.value())
 
