@@ -362,3 +362,31 @@ def test_the_process_pool_engine_gives_the_same_predictions_as_threads(tabular, 
     assert len(loads) == len(set(loads))  # at most one load per worker process and device
     assert {(m["pid"], m["device"]) for m in markers} == set(loads)  # every pair that scored loaded once
     _assert_each_device_held_once(markers)
+
+
+_FREEZE = """
+import gc
+from batchinfer.devices import freeze_imports
+from batchinfer.pipeline import run_shard  # torch and the core, as a worker has them by its first shard
+assert gc.get_freeze_count() == 0
+freeze_imports()
+frozen = gc.get_freeze_count()
+later = [[] for _ in range(1000)]  # made during the run: must stay in the collector's sight
+freeze_imports()
+print(frozen, gc.get_freeze_count())
+"""
+
+
+def test_imports_are_frozen_out_of_the_collector_once_per_process():
+    done = subprocess.run(
+        [sys.executable, "-c", _FREEZE],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": python_path()},
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    frozen, after = map(int, done.stdout.split())
+    assert frozen > 50_000  # torch's modules and their objects
+    assert after == frozen  # the second call froze nothing of what the run made since
