@@ -338,7 +338,6 @@ def test_custom_run_through_the_api_scores_and_publishes_progress(stack, deploye
 
 @server
 def test_ui_retry_of_a_failed_run_reruns_only_the_failed_shard(stack, deployed, tabular, tmp_path):
-
     output, flag = tmp_path / "out", tmp_path / "fail-partition-2"
     flag.write_text("10000 10001")  # the first row of partition 2 (ids 10000..14999)
     params = run_params(tabular, output, model={"model": "tests.flaky_model:factory", "checkpoint": None})
