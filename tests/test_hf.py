@@ -9,6 +9,8 @@ refused, each with one line naming the file.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +222,33 @@ def test_unknown_architecture_is_refused(texts: Path, tmp_path: Path, capsys) ->
     assert plan_line(capsys, texts, f"hf:{folder}") == (
         f"{folder}/config.json: model_type 'bort' is not an architecture transformers {transformers.__version__} knows"
     )
+
+
+def test_architecture_transformers_does_not_ship_is_refused(texts: Path, tmp_path: Path, capsys) -> None:
+    import transformers
+
+    folder = hf_models.save_classifier(tmp_path / "cls", num_labels=2)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["BertForTelepathy"]}))
+    assert plan_line(capsys, texts, f"hf:{folder}") == (
+        f"{folder}/config.json: architecture 'BertForTelepathy' is not one transformers "
+        f"{transformers.__version__} ships"
+    )
+
+
+def test_resolving_a_directory_leaves_its_modeling_code_unimported(tmp_path: Path) -> None:
+    """The driver checks and plans; only a process that scores imports the architecture (seconds for BERT)."""
+    folder = hf_models.save_classifier(tmp_path / "cls", num_labels=2)
+    script = (
+        "import sys\n"
+        "from batchinfer.models.base import resolve_model\n"
+        f"spec = resolve_model({f'hf:{folder}'!r}, checkpoint=None, precision='fp32', features=None, "
+        "text_column='text', storage_options={})\n"
+        "assert spec.output.kind == 'classifier', spec.output\n"
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.models.bert.modeling')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_config_asking_for_its_own_code_is_refused(texts: Path, tmp_path: Path, capsys) -> None:

@@ -285,8 +285,9 @@ def _check_architecture(config: dict[str, Any], where: str, uri: str) -> list[st
             uri=uri,
         )
     architectures = [str(a) for a in config.get("architectures") or []]
+    shipped = set(dir(transformers))  # the lazy module's names: hasattr would import the modeling code here
     for name in architectures:
-        if not hasattr(transformers, name):
+        if name not in shipped:
             raise ModelError(
                 f"{where}: architecture {name!r} is not one transformers {transformers.__version__} ships", uri=uri
             )
