@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -60,8 +61,9 @@ def main() -> None:
     try:
         extra = {**server.env(), "PYTHONPATH": str(ROOT)}  # what the runs and the clusters' workers need
         if running and "ray" in engines:
-            # A cluster from `ray start` wants its token (Ray >= 2.59); drivers read it from ~/.ray/auth_token.
-            extra["RAY_AUTH_MODE"] = "token"
+            # The head from `ray start` and every driver share a token of this benchmark's own (Ray >= 2.59
+            # authenticates with a token; `ray start` does not make one), so no file of the user's is used.
+            extra.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         env = {**os.environ, **extra}
         with contextlib.ExitStack() as stack:
             addresses = stack.enter_context(clusters(engines, args.devices, extra)) if running else {}
