@@ -496,23 +496,38 @@ class DeviceWorkers:
 WORKERS = DeviceWorkers()
 
 
-_ARENAS_LIMITED = False
-_M_ARENA_MAX = -8  # glibc's mallopt parameter number
+_MALLOC_SET = False
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers
+_M_ARENA_MAX = -8
+_MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # glibc's own ceiling: 32 MiB on 64 bits
+# Setting any of these turns glibc's dynamic mmap threshold off for the process (mallopt(3)).
+_FIXED_THRESHOLDS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
 def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas so memory stays flat across shards.
+    """Tune glibc's malloc once per process, so memory stays flat and buffers are reused across batches.
 
-    Every shard reads and writes in short-lived threads; glibc gives threads their own arenas
-    (up to 8 per core) and keeps what they freed, so the process grew with the number of shards.
-    Set once per process; a no-op where glibc is absent or MALLOC_ARENA_MAX is already set.
+    - Arenas: every shard reads and writes in short-lived threads; glibc gives threads their own arenas
+      (up to 8 per core) and keeps what they freed, so the process grew with the number of shards. Capped
+      unless MALLOC_ARENA_MAX is set.
+    - The mmap threshold: where the environment fixes a threshold (Dask's nanny gives its workers
+      MALLOC_TRIM_THRESHOLD_), glibc stops raising its mmap threshold from 128 KiB, so every batch's
+      buffers above that are mapped, faulted in and unmapped anew: the shards of a Dask worker ran at
+      about half speed (BENCHMARKS.md, "Engines"). Then set it to glibc's dynamic ceiling, unless
+      MALLOC_MMAP_THRESHOLD_ is set; Dask's trimming is kept.
+
+    A no-op where glibc is absent.
     """
-    global _ARENAS_LIMITED
-    if _ARENAS_LIMITED or os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+    global _MALLOC_SET
+    if _MALLOC_SET or not sys.platform.startswith("linux"):
         return
-    _ARENAS_LIMITED = True
+    _MALLOC_SET = True
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+        libc = ctypes.CDLL("libc.so.6")
+        if not os.environ.get("MALLOC_ARENA_MAX"):
+            libc.mallopt(_M_ARENA_MAX, arenas)
+        if any(os.environ.get(name) for name in _FIXED_THRESHOLDS) and not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     except (OSError, AttributeError):
         pass
 

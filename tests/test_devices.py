@@ -390,3 +390,48 @@ def test_imports_are_frozen_out_of_the_collector_once_per_process():
     frozen, after = map(int, done.stdout.split())
     assert frozen > 50_000  # torch's modules and their objects
     assert after == frozen  # the second call froze nothing of what the run made since
+
+
+_MALLOC = """
+import ctypes, resource
+from batchinfer.devices import limit_malloc_arenas
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+limit_malloc_arenas()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+buffer = libc.malloc(1 << 20)  # a batch's worth: above glibc's first mmap threshold (128 KiB)
+ctypes.memset(buffer, 1, 1 << 20)
+kept = libc.malloc(200_000)  # lives on above it: the freed buffer is not the heap top, which trimming returns
+libc.free(buffer)
+before = faults()
+for _ in range(200):
+    buffer = libc.malloc(1 << 20)
+    ctypes.memset(buffer, 1, 1 << 20)
+    libc.free(buffer)
+print(faults() - before)
+"""
+
+
+@pytest.mark.parametrize(
+    ("environ", "reused"),
+    [
+        ({}, True),
+        ({"MALLOC_TRIM_THRESHOLD_": "65536"}, True),  # what Dask's nanny gives its workers
+        ({"MALLOC_TRIM_THRESHOLD_": "65536", "MALLOC_MMAP_THRESHOLD_": "131072"}, False),  # the user's own choice
+    ],
+)
+def test_batch_buffers_are_reused_whatever_thresholds_the_worker_was_given(environ, reused):
+    """A freed 1 MiB buffer is reused by the next one, not mapped and faulted in again (256 pages each)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _MALLOC],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": python_path(), **environ},
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    faults = int(done.stdout)
+    assert (faults < 2_000) if reused else (faults > 200 * 200), faults
