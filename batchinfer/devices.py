@@ -504,7 +504,7 @@ _MMAP_THRESHOLD_MAX = 4 * 1024 * 1024 * ctypes.sizeof(ctypes.c_long)  # glibc's 
 _FIXED_THRESHOLDS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
+def tune_malloc(arenas: int = 2) -> None:
     """Tune glibc's malloc once per process, so memory stays flat and buffers are reused across batches.
 
     - Arenas: every shard reads and writes in short-lived threads; glibc gives threads their own arenas
@@ -512,8 +512,8 @@ def limit_malloc_arenas(arenas: int = 2) -> None:
       unless MALLOC_ARENA_MAX is set.
     - The mmap threshold: where the environment fixes a threshold (Dask's nanny gives its workers
       MALLOC_TRIM_THRESHOLD_), glibc stops raising its mmap threshold from 128 KiB, so every batch's
-      buffers above that are mapped, faulted in and unmapped anew: the shards of a Dask worker ran at
-      about half speed (BENCHMARKS.md, "Engines"). Then set it to glibc's dynamic ceiling, unless
+      buffers above that are mapped, faulted in and unmapped anew, and a Dask worker's shards ran far
+      slower (BENCHMARKS.md, "Engines"). Then set it to glibc's dynamic ceiling, unless
       MALLOC_MMAP_THRESHOLD_ is set; Dask's trimming is kept.
 
     A no-op where glibc is absent.
@@ -548,7 +548,7 @@ def freeze_imports() -> None:
 
 def configure_threads(devices: list[Device], cpu_threads: int | None) -> None:
     """Split the cores between CPU devices that run at once (fake devices in tests share the CPU)."""
-    limit_malloc_arenas()
+    tune_malloc()
     cpu_devices = sum(1 for d in devices if not d.is_accelerator)
     if cpu_threads:
         torch.set_num_threads(cpu_threads)

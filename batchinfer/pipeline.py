@@ -29,7 +29,7 @@ from batchinfer.devices import (
     discover,
     engine_assigned,
     freeze_imports,
-    limit_malloc_arenas,
+    tune_malloc,
 )
 from batchinfer.errors import (
     BatchInferError,
@@ -527,7 +527,7 @@ def prepare(
     With `run_model=False` (`batchinfer plan`) a model that is code (TorchScript, torch.export, ONNX, a
     `module:factory`) is neither imported, loaded nor run: the columns are checked as the flags name them.
     """
-    limit_malloc_arenas()
+    tune_malloc()
     config = config.dated()
     check_targets(config)
     check_shared_storage(config)

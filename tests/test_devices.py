@@ -394,11 +394,11 @@ def test_imports_are_frozen_out_of_the_collector_once_per_process():
 
 _MALLOC = """
 import ctypes, resource
-from batchinfer.devices import limit_malloc_arenas
+from batchinfer.devices import tune_malloc
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-limit_malloc_arenas()
+tune_malloc()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 buffer = libc.malloc(1 << 20)  # a batch's worth: above glibc's first mmap threshold (128 KiB)
