@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Quick start, part 2: install with test extras, then run the whole test suite.
 # Services the tests need (a local S3 server, a Prefect server) are started and stopped by the tests;
-# Debian's Chromium (for the Prefect UI test) is installed with apt when missing.
+# Debian's Chromium and PostgreSQL (for the Prefect UI test) are installed with apt when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test,dask,ray
 scripts/install-browser.sh >/dev/null  # Debian Chromium for the UI test, if missing
+scripts/install-postgres.sh >/dev/null  # Debian PostgreSQL for the UI test's server, if missing
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d -t batchinfer-prefect-XXXXXX)}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1

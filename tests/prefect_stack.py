@@ -4,7 +4,7 @@ The deployment and browser tests share one server per test session (a fresh
 server takes about 11 s to start): `shared_stack()` starts it on first use and
 stops it when the session ends. Every process gets exactly the environment it
 needs (API URL, home, no telemetry, offline models); none of the caller's
-PREFECT_* settings leak in. Logs go to test-artifacts/prefect/ so a failure
+PREFECT_* settings leak in. Logs go to test-artifacts/prefect/LABEL/ so a failure
 can be read after the fact.
 """
 
@@ -34,11 +34,12 @@ BATCHINFER = shutil.which("batchinfer", path=os.path.dirname(sys.executable)) or
 class PrefectStack:
     """`prefect server start` on a free loopback port, and the processes that talk to it."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, label: str = "sqlite", database: Mapping[str, str] | None = None):
         self.workdir = workdir
         self.home = workdir / "prefect-home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.logs = ARTIFACTS / "prefect"
+        self.logs = ARTIFACTS / "prefect" / label
+        self.database = dict(database or {})  # the server's PREFECT_SERVER_DATABASE_*; none: SQLite in its home
         self.logs.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
@@ -71,7 +72,7 @@ class PrefectStack:
     # -- processes -------------------------------------------------------------
 
     def start(self, name: str, argv: list[str], extra_env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        """Start a long-running process in its own process group, logging to test-artifacts/prefect/NAME.log."""
+        """Start a long-running process in its own process group, logging to test-artifacts/prefect/LABEL/NAME.log."""
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
             argv, cwd=ROOT, env=self.env(extra_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -84,7 +85,7 @@ class PrefectStack:
         from cli.main import SERVER_SETTINGS  # started as the README shows
 
         argv = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        proc = self.start("server", argv, extra_env=SERVER_SETTINGS)
+        proc = self.start("server", argv, extra_env={**SERVER_SETTINGS, **self.database})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
