@@ -5,8 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test,dask,ray
-scripts/install-browser.sh >/dev/null  # Debian Chromium for the UI test, if missing
-scripts/install-postgres.sh >/dev/null  # Debian PostgreSQL for the UI test's server, if missing
+scripts/install-ui-test.sh >/dev/null  # Debian's Chromium and PostgreSQL for the UI test, if missing
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d -t batchinfer-prefect-XXXXXX)}"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export HF_HUB_OFFLINE=1

@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server on loopback, for a Prefect server that people click in (tests/test_browser.py).
 
-Debian's `postgresql` package provides the binaries (scripts/install-postgres.sh installs it when missing).
+Debian's `postgresql` package provides the binaries (scripts/install-ui-test.sh installs it when missing).
 PostgreSQL refuses to run as root, so as root the cluster belongs to the `postgres` user and its folder
 lives in a fresh directory under the system temp dir, which that user can reach. Trust authentication on
 loopback only, and fsync off: the data is thrown away with the server.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tests.conftest import free_port
 
-INSTALL_HINT = "install Debian's PostgreSQL with scripts/install-postgres.sh"
+INSTALL_HINT = "install Debian's PostgreSQL with scripts/install-ui-test.sh"
 
 
 def _bin(name: str) -> str:

@@ -5,7 +5,7 @@ The server behind the UI is on PostgreSQL, as deployments/README.md advises for 
 in: on SQLite, a write that lands while the form's request reads (a `serve` process polling, say) makes
 the server answer 503, which Prefect's Python client retries and the UI does not (BENCHMARKS.md,
 "The UI on SQLite"). Screenshots of each step are kept in test-artifacts/browser/. Chromium is Debian's package
-(scripts/install-browser.sh), driven by playwright's Python package through `executable_path`, so no
+(scripts/install-ui-test.sh), driven by playwright's Python package through `executable_path`, so no
 browser is downloaded. Without Chromium or playwright the test fails and says what is missing.
 """
 
@@ -54,7 +54,7 @@ def browser():
     if executable is None:
         pytest.fail(
             "Chromium is not installed (looked at $BATCHINFER_CHROMIUM, chromium on PATH, /usr/bin/chromium); "
-            "install it with scripts/install-browser.sh"
+            "install it with scripts/install-ui-test.sh"
         )
     SHOTS.mkdir(parents=True, exist_ok=True)
     (SHOTS / "failure.png").unlink(missing_ok=True)
