@@ -149,7 +149,7 @@ def text(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(request, tmp_path_factory):
-    """The real `prefect server start` shared by the deployment and browser tests (tests/prefect_stack.py)."""
+    """The real `prefect server start` shared by the deployment tests (tests/prefect_stack.py)."""
     from tests.prefect_stack import shared_stack
 
     return shared_stack(request.config, tmp_path_factory)

@@ -76,10 +76,6 @@ class PostgresServer:
         self._run([_bin("createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, self.database])
         return self
 
-    def log(self, chars: int = 4000) -> str:
-        path = self.root / "server.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
-
     def stop(self) -> None:
         try:
             if self.started:

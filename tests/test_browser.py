@@ -1,12 +1,12 @@
 """The Prefect UI in headless Chromium: open a deployment that `batchinfer serve` registered, start a
 custom run with a parameter changed in the form, and watch the run complete.
 
-The server behind the UI is on PostgreSQL, as deployments/README.md advises for a server that people click
-in: on SQLite, a write that lands while the form's request reads (a `serve` process polling, say) makes
-the server answer 503, which Prefect's Python client retries and the UI does not (BENCHMARKS.md,
-"The UI on SQLite"). Screenshots of each step are kept in test-artifacts/browser/. Chromium is Debian's package
-(scripts/install-ui-test.sh), driven by playwright's Python package through `executable_path`, so no
-browser is downloaded. Without Chromium or playwright the test fails and says what is missing.
+The server behind the UI is on PostgreSQL, as deployments/README.md advises for a server that people
+click in: on SQLite, a write that lands while the form's request reads (a `serve` process polling, say)
+makes the server answer 503, which Prefect's Python client retries and the UI does not (BENCHMARKS.md,
+"The UI on SQLite"). Screenshots of each step are kept in test-artifacts/browser/. Chromium is Debian's
+package (scripts/install-ui-test.sh), driven by playwright's Python package through `executable_path`, so
+no browser is downloaded. Without Chromium or playwright the test fails and says what is missing.
 """
 
 from __future__ import annotations
