@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,12 +41,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ui-submit-"))
     demo.write_tabular(work / "data", rows=2_000, partitions=2, row_group_rows=1_000)
     checkpoint = demo.train_mlp(work / "mlp.safetensors", rows=1_000, steps=5)
-    database = PostgresServer().start() if args.database == "postgres" else None
-    stack = PrefectStack(work, label=f"ui-submit-{args.database}", database=database and database.prefect_settings)
-    busy = None
-    if args.busy_core:
-        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    database = PostgresServer() if args.database == "postgres" else None
+    stack, busy = None, None
     try:
+        if database is not None:
+            database.start()
+        stack = PrefectStack(work, label=f"ui-submit-{args.database}", database=database and database.prefect_settings)
+        if args.busy_core:
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         stack.start_server()
         argv = [BATCHINFER, "serve", "--name", "ui-submit", "--input", str(work / "data"), "--model", "mlp",
                 "--checkpoint", str(checkpoint), "--output", str(work / "out")]  # fmt: skip
@@ -84,9 +87,11 @@ def main() -> None:
     finally:
         if busy is not None:
             busy.kill()
-        stack.stop_all()
+        if stack is not None:
+            stack.stop_all()
         if database is not None:
             database.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

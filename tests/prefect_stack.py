@@ -1,11 +1,10 @@
 """A real Prefect server on loopback, with its own home, plus the workers and `serve` processes tests start.
 
-The deployment tests share one server per test session (a fresh server takes
-about 11 s to start): `shared_stack()` starts it on first use and stops it when
-the session ends. The browser test starts its own, on PostgreSQL (tests/postgres.py). Every process gets exactly the environment it
-needs (API URL, home, no telemetry, offline models); none of the caller's
-PREFECT_* settings leak in. Logs go to test-artifacts/prefect/LABEL/ so a failure
-can be read after the fact.
+The deployment tests share one server per test session (a fresh server takes about 11 s to start):
+`shared_stack()` starts it on first use and stops it when the session ends. The browser test starts its
+own, on PostgreSQL (tests/postgres.py). Every process gets exactly the environment it needs (API URL,
+home, no telemetry, offline models); none of the caller's PREFECT_* settings leak in. Logs go to
+test-artifacts/prefect/LABEL/ so a failure can be read after the fact.
 """
 
 from __future__ import annotations
