@@ -53,18 +53,8 @@ def main() -> None:
         argv = [BATCHINFER, "serve", "--name", "ui-submit", "--input", str(work / "data"), "--model", "mlp",
                 "--checkpoint", str(checkpoint), "--output", str(work / "out")]  # fmt: skip
         stack.start("serve", argv, extra_env={"PREFECT_RUNNER_POLL_FREQUENCY": args.poll})
-        from prefect.exceptions import ObjectNotFound
-
         with stack.client() as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    deployment = client.read_deployment_by_name("batch-inference/ui-submit")
-                    break
-                except ObjectNotFound:
-                    if time.monotonic() > deadline:
-                        raise SystemExit(f"no deployment after 90 s:\n{stack.tail('serve')}") from None
-                    time.sleep(0.5)
+            deployment = stack.wait_for_deployment(client, "batch-inference/ui-submit", "serve")
         time.sleep(3)  # the runner is polling by now
         later = {"type": "SCHEDULED", "name": "Scheduled", "state_details": {"scheduled_time": "2099-01-01T00:00:00Z"}}
         body = json.dumps({"state": later, "parameters": {"compute": {"batch_size": 128}}}).encode()

@@ -157,6 +157,20 @@ class PrefectStack:
         tails = "\n".join(f"--- {name} ---\n{self.tail(name)}" for name in logs)
         raise TimeoutError(f"flow run {run_id} still {run.state_name} after {timeout} s\n{tails}")
 
+    def wait_for_deployment(self, client: Any, name: str, process: str, timeout: float = 90.0) -> Any:
+        """The deployment `flow/name` once the process `process` (a `batchinfer serve`) has registered it."""
+        from prefect.exceptions import ObjectNotFound
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                proc = self.procs[process]
+                assert proc.poll() is None, f"{process} exited {proc.returncode}:\n{self.tail(process)}"
+                assert time.monotonic() < deadline, f"no deployment {name} after {timeout} s:\n{self.tail(process)}"
+                time.sleep(0.5)
+
     def wait_for_task_runs(
         self, client: Any, run_id: Any, count: int, prefix: str = "", timeout: float = 30.0
     ) -> list[Any]:

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import time
 
 import pytest
 
@@ -89,8 +88,6 @@ def stack(database, tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(stack, tabular, tmp_path_factory):
     """`batchinfer serve` with the defaults a team would give it; runs it starts are subprocesses."""
-    from prefect.exceptions import ObjectNotFound
-
     root = tmp_path_factory.mktemp("served")
     argv = [
         BATCHINFER, "serve", "--name", DEPLOYMENT, "--verbose",
@@ -98,17 +95,9 @@ def served(stack, tabular, tmp_path_factory):
         "--output", str(root / "default-output"),
         "--params", json.dumps({"compute": {"devices": "cpu", "shard_rows": 5_000}}),
     ]  # fmt: skip
-    proc = stack.start("serve", argv)
-    deadline = time.monotonic() + 90
+    stack.start("serve", argv)
     with stack.client() as client:
-        while True:
-            try:
-                deployment = client.read_deployment_by_name(f"batch-inference/{DEPLOYMENT}")
-                break
-            except ObjectNotFound:
-                assert proc.poll() is None, f"batchinfer serve exited {proc.returncode}:\n{stack.tail('serve')}"
-                assert time.monotonic() < deadline, f"no deployment after 90 s:\n{stack.tail('serve')}"
-                time.sleep(0.5)
+        deployment = stack.wait_for_deployment(client, f"batch-inference/{DEPLOYMENT}", "serve")
     yield {"deployment": deployment, "root": root}
     stack.stop("serve", sig=signal.SIGINT, grace=10)
 

@@ -392,8 +392,6 @@ def test_ui_retry_of_a_failed_run_reruns_only_the_failed_shard(stack, deployed, 
 def test_served_runs_may_point_only_under_the_allowed_prefixes(stack, tabular, tmp_path):
     """Anyone who can start a run in the UI chooses its paths and model; `batchinfer serve --allow-*` bounds
     them, and every run of the deployment is checked against the bounds in its own process."""
-    from prefect.exceptions import ObjectNotFound
-
     from tests.prefect_stack import BATCHINFER
 
     allowed = tmp_path / "allowed"
@@ -402,18 +400,10 @@ def test_served_runs_may_point_only_under_the_allowed_prefixes(stack, tabular, t
         "--allow-input", tabular["input"], "--allow-output", str(allowed),
         "--allow-model", "mlp", "--allow-model", str(Path(tabular["checkpoint"]).parent),
     ]  # fmt: skip
-    proc = stack.start("serve-restricted", argv)
+    stack.start("serve-restricted", argv)
     try:
         with stack.client() as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    restricted = deployment(client, "restricted")
-                    break
-                except ObjectNotFound:
-                    assert proc.poll() is None, stack.tail("serve-restricted")
-                    assert time.monotonic() < deadline, stack.tail("serve-restricted")
-                    time.sleep(0.5)
+            restricted = stack.wait_for_deployment(client, f"{FLOW}/restricted", "serve-restricted")
             outside = client.create_flow_run_from_deployment(
                 restricted.id, parameters=run_params(tabular, tmp_path / "outside")
             )
