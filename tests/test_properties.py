@@ -84,13 +84,20 @@ def test_planning_covers_every_row_once(layout, shard_rows, names):
             assert posixpath.dirname(posixpath.dirname(path)) == root
 
 
-def write_layout(folder: Path, layout: list[list[int]], duplicate: tuple[int, int] | None = None) -> list[int]:
-    """One Parquet file per entry (`id` plus two float features); return every key written.
+def write_layout(
+    folder: Path, layout: list[list[int]], duplicate: tuple[int, int] | None = None, order: Any = "ascending"
+) -> list[int]:
+    """One Parquet file per entry (`id` plus two float features); return every key written, in order.
 
-    `duplicate` = (a, b): the b-th key written repeats the a-th (when both exist).
+    `duplicate` = (a, b): the b-th key written repeats the a-th (when both exist). `order`: "ascending",
+    "descending", or a `random.Random` that shuffles the keys.
     """
     total = sum(sum(sizes) for sizes in layout)
     keys = list(range(1000, 1000 + total))
+    if order == "descending":
+        keys.reverse()
+    elif not isinstance(order, str):
+        order.shuffle(keys)
     if duplicate and duplicate[0] < duplicate[1] < total:
         keys[duplicate[1]] = keys[duplicate[0]]
     schema = pa.schema([("id", pa.int64()), ("x0", pa.float32()), ("x1", pa.float32())])
@@ -128,11 +135,13 @@ def test_shards_read_back_every_key_once(layout, shard_rows):
 @given(
     layout=layouts.filter(lambda files: sum(map(sum, files)) >= 2),
     pair=st.tuples(st.integers(0, 200), st.integers(0, 200)),
+    order=st.one_of(st.sampled_from(["ascending", "descending"]), st.randoms(use_true_random=False)),
 )
-def test_key_check_rejects_exactly_the_layouts_with_a_repeated_key(layout, pair):
+def test_key_check_rejects_exactly_the_layouts_with_a_repeated_key(layout, pair, order):
+    """Keys in order (checked without a sort where their ranges are apart) or shuffled (sorted hashes)."""
     with tempfile.TemporaryDirectory() as tmp:
         a, b = sorted(pair)
-        keys = write_layout(Path(tmp), layout, duplicate=(a, b))
+        keys = write_layout(Path(tmp), layout, duplicate=(a, b), order=order)
         storage = Storage(tmp)
         partitions = list_partitions(storage, tmp)
         if len(set(keys)) == len(keys):
