@@ -2,12 +2,17 @@
 
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2 --clusters running
+    .venv/bin/python -m benchmarks.engines --rows 4000000,16000000 --devices 2 --repeats 2 --clusters running
 
 Every run is the real flow against one `prefect server start` (started first, its start-up not timed),
 in a fresh process per run, round-robin over the engines. Per engine: the flow's time; its time outside
 the shards (flow start to first shard start, last shard end to flow end, merge-and-validate included);
 and its per-shard overhead, (flow time x devices - sum of shard seconds) / shards. Each engine's
 overhead is reported against the local engine's flow time.
+
+With two job sizes (`--rows A,B`, run in turn within each repeat), each engine's flow time is split into a
+fixed part per run (worker processes, cluster connection) and a part per shard (the slope between the
+two sizes), and the table gives the shards from which the engine is within 5% of the local engine.
 
 `--clusters started` (the default): Dask and Ray start their local cluster inside the flow, so their
 start-up counts. `--clusters running`: a Dask cluster (one worker process per device, each offering
@@ -39,7 +44,11 @@ ENGINES = ("local", "processes", "dask", "ray")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=4_000_000, help="MLP rows, in 1,000,000-row shards")
+    parser.add_argument(
+        "--rows",
+        default="4000000",
+        help="MLP rows, in 1,000,000-row shards; two sizes (A,B) split fixed and per-shard costs",
+    )
     parser.add_argument("--devices", type=int, default=2, help="fake devices, the same for every engine")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--engines", default=",".join(ENGINES))
@@ -49,15 +58,16 @@ def main() -> None:
     parser.add_argument("--no-markdown", dest="markdown", action="store_false")
     args = parser.parse_args()
     running = args.clusters == "running"
+    sizes = [int(value) for value in args.rows.split(",")]
 
     bench = Path(args.bench_dir)
     checkpoint = data.checkpoint(bench)
-    paths = data.tabular(bench / "data", args.rows, array=False)
+    inputs = {rows: data.tabular(bench / "data", rows, array=False)["columns"] for rows in sizes}
     work = Path(tempfile.mkdtemp(prefix="bench-engines-", dir=bench))
     server = PrefectServer(work / "prefect-home", work / "server.log")
     server.start()
     engines = args.engines.split(",")
-    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    runs: dict[int, dict[str, list[dict]]] = {rows: {e: [] for e in engines} for rows in sizes}
     try:
         extra = {**server.env(), "PYTHONPATH": str(ROOT)}  # what the runs and the clusters' workers need
         if running and "ray" in engines:
@@ -68,58 +78,105 @@ def main() -> None:
         with contextlib.ExitStack() as stack:
             addresses = stack.enter_context(clusters(engines, args.devices, extra)) if running else {}
             for repeat in range(args.repeats + (1 if running else 0)):
-                for engine in engines:
-                    output = work / f"out-{engine}"
-                    params = {
-                        "model": "mlp",
-                        "checkpoint": str(checkpoint),
-                        "input": str(paths["columns"]),
-                        "output": str(output),
-                        "batch_size": args.batch_size,
-                        "threads": None,
-                        "devices": f"fake:{args.devices}",
-                        "engine": engine,
-                    }
-                    if engine in addresses:  # every worker reaches these paths: the same machine
-                        shutil.rmtree(output, ignore_errors=True)
-                        params.update(
-                            engine_address=addresses[engine],
-                            checkpoint=f"file://{checkpoint}",
-                            input=f"file://{paths['columns']}",
-                            output=f"file://{output}",
+                for rows in sizes if repeat or not running else sizes[:1]:
+                    for engine in engines:
+                        output = work / f"out-{engine}"
+                        params = {
+                            "model": "mlp",
+                            "checkpoint": str(checkpoint),
+                            "input": str(inputs[rows]),
+                            "output": str(output),
+                            "batch_size": args.batch_size,
+                            "threads": None,
+                            "devices": f"fake:{args.devices}",
+                            "engine": engine,
+                        }
+                        if engine in addresses:  # every worker reaches these paths: the same machine
+                            shutil.rmtree(output, ignore_errors=True)
+                            params.update(
+                                engine_address=addresses[engine],
+                                checkpoint=f"file://{checkpoint}",
+                                input=f"file://{inputs[rows]}",
+                                output=f"file://{output}",
+                            )
+                        result = measure("flow", params, env, work / "runs.log")
+                        if running and repeat == 0:
+                            print(f"{engine}: warm-up {result['seconds']:.2f} s (not counted)", flush=True)
+                            continue
+                        runs[rows][engine].append(result)
+                        print(
+                            f"{engine}, {rows:,} rows: flow {result['seconds']:.2f} s, {summary(result, args.devices)}",
+                            flush=True,
                         )
-                    result = measure("flow", params, env, work / "runs.log")
-                    if running and repeat == 0:
-                        print(f"{engine}: warm-up {result['seconds']:.2f} s (not counted)", flush=True)
-                        continue
-                    runs[engine].append(result)
-                    print(f"{engine}: flow {result['seconds']:.2f} s, {summary(result, args.devices)}", flush=True)
     finally:
         server.stop()
-    rows = {e: summarize(r, args.devices) for e, r in runs.items()}
-    base = rows.get("local", {}).get("flow_s")
     flag = " --clusters running" if running else ""
     where = "clusters running before the runs, reached by address" if running else "clusters started by each run"
-    lines = [
-        f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}{flag}` "
-        f"({runs[engines[0]][0]['shards']} shards of 1,000,000 rows on {args.devices} fake devices, {where}, "
-        f"medians of {args.repeats}):",
-        "",
-        "| engine | flow s | outside shards s | per-shard overhead ms | overhead vs local flow |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for engine, row in rows.items():
-        versus = f"{(row['flow_s'] - base) / base:+.1%}" if base else ""
-        lines.append(
-            f"| {engine} | {row['flow_s']:.2f} | {row['outside_s']:.2f} | {row['per_shard_ms']:.0f} | {versus} |"
-        )
-    body = "\n".join(lines)
+    command = (
+        f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}{flag}`"
+    )
+    lines = []
+    for rows in sizes:
+        table = {e: summarize(r, args.devices) for e, r in runs[rows].items()}
+        base = table.get("local", {}).get("flow_s")
+        shards = runs[rows][engines[0]][0]["shards"]
+        lines += [
+            f"{command} ({shards} shards of 1,000,000 rows on {args.devices} fake devices, {where}, "
+            f"medians of {args.repeats}):",
+            "",
+            "| engine | flow s | outside shards s | per-shard overhead ms | overhead vs local flow |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for engine, row in table.items():
+            versus = f"{(row['flow_s'] - base) / base:+.1%}" if base else ""
+            lines.append(
+                f"| {engine} | {row['flow_s']:.2f} | {row['outside_s']:.2f} | {row['per_shard_ms']:.0f} | {versus} |"
+            )
+        lines.append("")
+    if len(sizes) == 2 and "local" in engines:
+        lines += split_costs(runs, sizes, engines, args.devices)
+    body = "\n".join(lines).rstrip()
     print(body)
     (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
     name = "engines-running" if running else "engines"
+    if len(sizes) > 1:
+        name += "-sizes"
     (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(runs, indent=2) + "\n")
     if args.markdown and MARKDOWN.exists():
-        update_markdown("EnginesRunning" if running else "Engines", body)
+        key = "EnginesRunning" if running else "Engines"
+        update_markdown(key + ("Sizes" if len(sizes) > 1 else ""), body)
+
+
+def split_costs(
+    runs: dict[int, dict[str, list[dict]]], sizes: list[int], engines: list[str], devices: int
+) -> list[str]:
+    """Each engine's flow time as fixed + per shard x shards, from the medians at the two sizes."""
+    small, large = sizes
+    shards = {rows: runs[rows][engines[0]][0]["shards"] for rows in sizes}
+    fits = {}
+    for engine in engines:
+        flows = {rows: summarize(runs[rows][engine], devices)["flow_s"] for rows in sizes}
+        slope = (flows[large] - flows[small]) / (shards[large] - shards[small])
+        fits[engine] = (flows[small] - slope * shards[small], slope)
+    fixed_local, slope_local = fits["local"]
+    lines = [
+        f"Split between the two sizes ({shards[small]} and {shards[large]} shards): flow s = fixed + per shard x "
+        "shards.",
+        "",
+        "| engine | fixed s | per shard s | per shard vs local | within 5% of local from |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for engine, (fixed, slope) in fits.items():
+        if engine == "local":
+            within = "-"
+        elif fixed <= 1.05 * fixed_local and slope <= 1.05 * slope_local:
+            within = "any size"
+        elif slope >= 1.05 * slope_local:
+            within = "never (per shard above 5%)"
+        else:
+            within = f"{(fixed - 1.05 * fixed_local) / (1.05 * slope_local - slope):.0f} shards"
+        lines.append(f"| {engine} | {fixed:.2f} | {slope:.3f} | {slope / slope_local - 1:+.1%} | {within} |")
+    return lines
 
 
 @contextlib.contextmanager
