@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2 --clusters running
-    .venv/bin/python -m benchmarks.engines --rows 4000000,16000000 --devices 2 --repeats 2 --clusters running
+    .venv/bin/python -m benchmarks.engines --rows 4000000,12000000 --devices 2 --repeats 2 --clusters running
 
 Every run is the real flow against one `prefect server start` (started first, its start-up not timed),
 in a fresh process per run, round-robin over the engines. Per engine: the flow's time; its time outside
