@@ -7,8 +7,10 @@
 Every run is the real flow against one `prefect server start` (started first, its start-up not timed),
 in a fresh process per run, round-robin over the engines. Per engine: the flow's time; its time outside
 the shards (flow start to first shard start, last shard end to flow end, merge-and-validate included);
-and its per-shard overhead, (flow time x devices - sum of shard seconds) / shards. Each engine's
-overhead is reported against the local engine's flow time.
+and its per-shard overhead, (flow time x devices - sum of shard seconds) / shards. That overhead has two
+parts, shown apart: the time between two shards on one device (the median, from the markers' start and
+end), and a slower shard (the median shard's seconds). Each engine's overhead is reported against the
+local engine's flow time.
 
 With two job sizes (`--rows A,B`, run in turn within each repeat), each engine's flow time is split into a
 fixed part per run (worker processes, cluster connection) and a part per shard (the slope between the
@@ -53,6 +55,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per device (default: the cores split between them)"
+    )
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--clusters", choices=("started", "running"), default="started")
     parser.add_argument("--no-markdown", dest="markdown", action="store_false")
@@ -87,7 +92,7 @@ def main() -> None:
                             "input": str(inputs[rows]),
                             "output": str(output),
                             "batch_size": args.batch_size,
-                            "threads": None,
+                            "threads": args.threads,
                             "devices": f"fake:{args.devices}",
                             "engine": engine,
                         }
@@ -112,6 +117,7 @@ def main() -> None:
         server.stop()
     flag = " --clusters running" if running else ""
     where = "clusters running before the runs, reached by address" if running else "clusters started by each run"
+    flag += f" --threads {args.threads}" if args.threads else ""
     command = (
         f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}{flag}`"
     )
@@ -124,13 +130,15 @@ def main() -> None:
             f"{command} ({shards} shards of 1,000,000 rows on {args.devices} fake devices, {where}, "
             f"medians of {args.repeats}):",
             "",
-            "| engine | flow s | outside shards s | per-shard overhead ms | overhead vs local flow |",
-            "| --- | --- | --- | --- | --- |",
+            "| engine | flow s | outside shards s | per-shard overhead ms | between shards on a device ms "
+            "| a shard s | overhead vs local flow |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for engine, row in table.items():
             versus = f"{(row['flow_s'] - base) / base:+.1%}" if base else ""
             lines.append(
-                f"| {engine} | {row['flow_s']:.2f} | {row['outside_s']:.2f} | {row['per_shard_ms']:.0f} | {versus} |"
+                f"| {engine} | {row['flow_s']:.2f} | {row['outside_s']:.2f} | {row['per_shard_ms']:.0f} "
+                f"| {row['gap_ms']:.0f} | {row['shard_s']:.2f} | {versus} |"
             )
         lines.append("")
     if len(sizes) == 2 and "local" in engines:
@@ -141,6 +149,8 @@ def main() -> None:
     name = "engines-running" if running else "engines"
     if len(sizes) > 1:
         name += "-sizes"
+    if args.devices != 2 or args.threads:
+        name += f"-{args.devices}-devices" + (f"-{args.threads}-threads" if args.threads else "")
     (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(runs, indent=2) + "\n")
     if args.markdown and MARKDOWN.exists():
         key = "EnginesRunning" if running else "Engines"
@@ -223,7 +233,16 @@ def summarize(results: list[dict], devices: int) -> dict[str, float]:
         for r in results
     )
     per_shard = statistics.median((r["seconds"] * devices - r["shard_seconds_sum"]) / r["shards"] for r in results)
-    return {"flow_s": flow, "outside_s": outside, "per_shard_ms": per_shard * 1000}
+    # The per-shard overhead's two parts: time between two shards on a device, and a slower shard.
+    gaps = [statistics.median(r["gaps_on_device"]) for r in results if r.get("gaps_on_device")]
+    shard = [r["shard_seconds_median"] for r in results if r.get("shard_seconds_median")]
+    return {
+        "flow_s": flow,
+        "outside_s": outside,
+        "per_shard_ms": per_shard * 1000,
+        "gap_ms": statistics.median(gaps) * 1000 if gaps else float("nan"),
+        "shard_s": statistics.median(shard) if shard else float("nan"),
+    }
 
 
 if __name__ == "__main__":

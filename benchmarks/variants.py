@@ -8,9 +8,11 @@ its own process so that its peak memory is its own.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -353,6 +355,15 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
     ]
     starts = sorted(m["started_at"] for m in markers)
     ends = sorted(m["finished_at"] for m in markers)
+    # Between two shards on one device (a worker process's, or one of the local engine's): from one
+    # shard's end to the next one's start, marker, task end and the next task's start included.
+    on_device: dict[tuple, list[dict]] = {}
+    for m in markers:
+        on_device.setdefault((m.get("host"), m.get("pid"), m.get("device")), []).append(m)
+    gaps = []
+    for shards in on_device.values():
+        shards.sort(key=lambda m: m["started_at"])
+        gaps += [_epoch(b["started_at"]) - _epoch(a["finished_at"]) for a, b in itertools.pairwise(shards)]
     return {
         "batch_size": config.compute.batch_size or "auto",
         "batch_sizes_used": sorted({m.get("batch_size") for m in markers if m.get("batch_size")}),
@@ -366,6 +377,8 @@ def flow(params: dict[str, Any]) -> dict[str, Any]:
         "shards": report["shards"],
         "shard_rows": config.compute.shard_rows,
         "shard_seconds_sum": sum(shard_seconds),
+        "shard_seconds_median": statistics.median(shard_seconds) if shard_seconds else None,
+        "gaps_on_device": [round(g, 3) for g in gaps],
         "merge_seconds": report.get("seconds"),
         "device": config.compute.devices,
         "started_at": started_at,
