@@ -27,6 +27,7 @@ def iter_shard(
     *,
     decode_threads: bool = False,
     partition_types: dict[str, str] | None = None,
+    chunk_bytes: int | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Record batches of the shard's row groups; never the whole partition at once.
 
@@ -34,6 +35,7 @@ def iter_shard(
     them as one value repeated, typed by `partition_types` (strings otherwise).
     `decode_threads`: decode a chunk's columns on Arrow's thread pool. Worth it only where the cores are
     not busy with the model (an accelerator); on the CPU the prefetch thread alone overlaps the model.
+    `chunk_bytes`: fewer rows per batch where the columns' uncompressed size (from the footer) would pass it.
     """
     uri = shard.partition_uri
     hive = {name: value for name, value in shard.hive if name in columns}
@@ -44,6 +46,8 @@ def iter_shard(
             if shard.rg_stop > parquet.metadata.num_row_groups or expected != shard.num_rows:
                 raise InputError(f"{uri} changed since it was planned; plan again", uri=uri, shard_id=shard.shard_id)
             hive = {name: value for name, value in hive.items() if name not in parquet.schema_arrow.names}
+            if chunk_bytes:
+                chunk_rows = rows_within(parquet.metadata, shard, columns, chunk_rows, chunk_bytes)
             batches = parquet.iter_batches(
                 batch_size=chunk_rows,
                 row_groups=range(shard.rg_start, shard.rg_stop),
@@ -59,6 +63,21 @@ def iter_shard(
                 raise storage_error(exc, uri, "reading") from exc
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{uri} is corrupt or unreadable ({first})", uri=uri, shard_id=shard.shard_id) from exc
+
+
+def rows_within(metadata: pq.FileMetaData, shard: Shard, columns: list[str], most: int, budget: int) -> int:
+    """Rows per chunk, at most `most`, whose `columns` hold about `budget` bytes uncompressed on average."""
+    names = set(columns)
+    size = 0
+    for i in range(shard.rg_start, shard.rg_stop):
+        group = metadata.row_group(i)
+        size += sum(
+            group.column(j).total_uncompressed_size
+            for j in range(group.num_columns)
+            if group.column(j).path_in_schema in names
+        )
+    per_row = size / max(shard.num_rows, 1)
+    return max(1, min(most, int(budget / per_row))) if per_row else most
 
 
 def _with_partition_columns(

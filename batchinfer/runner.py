@@ -44,10 +44,12 @@ from batchinfer.writer import BackgroundWriter
 log = logging.getLogger(__name__)
 
 # Rows read, checked and written together. 65,536 feature rows (16 MiB of float32 at 64 features) keep the
-# reader, the model and the writer busy at once with a few chunks in memory; text chunks are the pool that
-# length sorting draws from.
+# reader, the model and the writer busy at once with a few chunks in memory. Text chunks are the pool that
+# length sorting draws from: the larger, the less padding (BENCHMARKS.md), within a byte budget so that
+# long documents do not fill memory.
 CHUNK_ROWS_FEATURES = 65_536
-CHUNK_ROWS_TEXT = 4_096
+CHUNK_ROWS_TEXT = 16_384
+CHUNK_BYTES_TEXT = 16 * 2**20
 
 # Batch size "auto" (0): on the CPU the measured best (benchmarks/, BENCHMARKS.md); on an accelerator the
 # largest that fits, found by halving from the start value on out-of-memory and remembered per device.
@@ -255,6 +257,7 @@ def _score_and_commit(
         chunk_rows,
         decode_threads=device.is_accelerator,
         partition_types=settings.partition_types,
+        chunk_bytes=CHUNK_BYTES_TEXT if text else None,
     )
     chunks = _prepared(batches, settings, predictor, text, device)
 

@@ -245,6 +245,32 @@ def test_iter_shard_yields_at_most_chunk_rows(tmp_path: Path):
     assert all(a.equals(b) for a, b in zip(one, threaded, strict=True))
 
 
+def test_text_chunks_hold_many_short_texts_and_few_long_ones(tmp_path: Path):
+    """Short texts fill a chunk up to its rows (a wide pool to sort by length); long documents stop at the
+    byte budget, so a chunk of them does not fill memory."""
+    from batchinfer.planning import list_partitions, plan_shards
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    short = pa.table({"id": list(range(3_000)), "text": [f"short sentence {i}" for i in range(3_000)]})
+    long = pa.table(
+        {"id": list(range(3_000, 3_100)), "text": [f"{i} " + "word " * 20_000 for i in range(100)]}
+    )  # 100 KB each
+    pq.write_table(short, folder / "a.parquet", row_group_size=500)
+    pq.write_table(long, folder / "b.parquet", row_group_size=10)
+    storage = Storage(str(folder))
+    shards = {s.partition_uri.rsplit("/", 1)[-1]: s for s in plan_shards(list_partitions(storage, str(folder)), 10_000)}
+    budget = 1_000_000
+    sizes = [b.num_rows for b in iter_shard(storage, shards["a.parquet"], ["id", "text"], 2_048, chunk_bytes=budget)]
+    assert sizes == [2_048, 952]
+    sizes = [b.num_rows for b in iter_shard(storage, shards["b.parquet"], ["id", "text"], 2_048, chunk_bytes=budget)]
+    assert sum(sizes) == 100 and max(sizes) <= 10  # about 1 MB of 100 KB texts
+    assert (
+        max(b.nbytes for b in iter_shard(storage, shards["b.parquet"], ["text"], 2_048, chunk_bytes=budget))
+        < 2 * budget
+    )
+
+
 def test_the_runner_never_holds_more_than_a_chunk_of_features(tmp_path: Path, tabular, monkeypatch):
     seen: list[int] = []
     original = runner.feature_matrix
