@@ -3,6 +3,8 @@
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2
     .venv/bin/python -m benchmarks.engines --rows 4000000 --devices 2 --repeats 2 --clusters running
     .venv/bin/python -m benchmarks.engines --rows 4000000,12000000 --devices 2 --repeats 2 --clusters running
+    .venv/bin/python -m benchmarks.engines --rows 4000000,12000000 --devices 2 --repeats 2 --clusters running \
+        --database postgres
 
 Every run is the real flow against one `prefect server start` (started first, its start-up not timed),
 in a fresh process per run, round-robin over the engines. Per engine: the flow's time; its time outside
@@ -21,6 +23,9 @@ start-up counts. `--clusters running`: a Dask cluster (one worker process per de
 GPU=1) and a Ray head (`ray start --head --num-gpus N`) are started first, outside the timing, and the
 runs reach them by address (`--engine-address`, with `file://` paths), as a user's existing cluster is;
 one untimed run per engine comes first.
+
+`--database postgres`: the server keeps its database in a throwaway PostgreSQL (tests/postgres.py) instead
+of SQLite, as deployments/README.md sets one up for a shared server.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import data
-from benchmarks.run import MARKDOWN, ROOT, PrefectServer, free_port, measure, update_markdown
+from benchmarks.run import MARKDOWN, ROOT, SERVER_SETTINGS, PrefectServer, free_port, measure, update_markdown
+from tests.postgres import PostgresServer
 
 ENGINES = ("local", "processes", "dask", "ray")
 
@@ -60,6 +66,12 @@ def main() -> None:
     )
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--clusters", choices=("started", "running"), default="started")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the Prefect server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)",
+    )
     parser.add_argument("--no-markdown", dest="markdown", action="store_false")
     args = parser.parse_args()
     running = args.clusters == "running"
@@ -69,11 +81,16 @@ def main() -> None:
     checkpoint = data.checkpoint(bench)
     inputs = {rows: data.tabular(bench / "data", rows, array=False)["columns"] for rows in sizes}
     work = Path(tempfile.mkdtemp(prefix="bench-engines-", dir=bench))
-    server = PrefectServer(work / "prefect-home", work / "server.log")
-    server.start()
+    database = PostgresServer() if args.database == "postgres" else None
+    settings = dict(SERVER_SETTINGS)
+    if database is not None:
+        database.start()  # its port is known once started
+        settings.update(database.prefect_settings)
+    server = PrefectServer(work / "prefect-home", work / "server.log", settings=settings)
     engines = args.engines.split(",")
     runs: dict[int, dict[str, list[dict]]] = {rows: {e: [] for e in engines} for rows in sizes}
     try:
+        server.start()
         extra = {**server.env(), "PYTHONPATH": str(ROOT)}  # what the runs and the clusters' workers need
         if running and "ray" in engines:
             # The head from `ray start` and every driver share a token of this benchmark's own (Ray >= 2.59
@@ -115,8 +132,12 @@ def main() -> None:
                         )
     finally:
         server.stop()
+        if database is not None:
+            database.stop()
     flag = " --clusters running" if running else ""
+    flag += " --database postgres" if database else ""
     where = "clusters running before the runs, reached by address" if running else "clusters started by each run"
+    where += ", the server on PostgreSQL" if database else ""
     flag += f" --threads {args.threads}" if args.threads else ""
     command = (
         f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}{flag}`"
@@ -149,12 +170,14 @@ def main() -> None:
     name = "engines-running" if running else "engines"
     if len(sizes) > 1:
         name += "-sizes"
+    if database is not None:
+        name += "-postgres"
     if args.devices != 2 or args.threads:
         name += f"-{args.devices}-devices" + (f"-{args.threads}-threads" if args.threads else "")
     (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(runs, indent=2) + "\n")
     if args.markdown and MARKDOWN.exists():
         key = "EnginesRunning" if running else "Engines"
-        update_markdown(key + ("Sizes" if len(sizes) > 1 else ""), body)
+        update_markdown(key + ("Sizes" if len(sizes) > 1 else "") + ("Postgres" if database else ""), body)
 
 
 def split_costs(
