@@ -17,7 +17,8 @@ Each variant runs in its own process (peak RSS from
 is what counts for Ray's many processes), `--repeats` times round-robin, and
 the table shows the median. The flow is timed from flow start to flow end
 against a Prefect server started beforehand (`prefect server start` on a free
-loopback port with its own PREFECT_HOME); that server's start-up is reported
+loopback port with its own PREFECT_HOME, on SQLite, or with `--database
+postgres` on a throwaway PostgreSQL); that server's start-up is reported
 on its own line. Data are generated once under `.bench/`. Results go to
 `benchmarks/results/*.json` (or, with `--json PATH`, into one file keyed by
 workload), and the tables into BENCHMARKS.md (not with `--no-markdown`).
@@ -628,6 +629,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--json", default=None, help="write the results to this file, keyed by workload")
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the Prefect server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)",
+    )
     parser.add_argument("--no-markdown", dest="markdown", action="store_false", help="leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     args.only = {key.strip() for key in args.only.split(",") if key.strip()}
@@ -683,9 +690,23 @@ def main(argv: list[str] | None = None) -> None:
         plans["hf"] = hf_rows(args, bench, device["device"])
     plans = {name: plan for name, plan in plans.items() if plan[0] or plan[1]}
 
-    server = PrefectServer(home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log")
-    print("starting prefect server ...", end=" ", flush=True)
-    server.start()
+    database = None
+    if args.database == "postgres":
+        from tests.postgres import PostgresServer
+
+        database = PostgresServer()
+        database.start()
+    settings = dict(SERVER_SETTINGS, **(database.prefect_settings if database else {}))
+    server = PrefectServer(
+        home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log", settings=settings
+    )
+    print(f"starting prefect server on {args.database} ...", end=" ", flush=True)
+    try:
+        server.start()
+    except BaseException:
+        if database is not None:
+            database.stop()
+        raise
     print(f"healthy after {server.startup_seconds:.1f} s ({server.api_url})", flush=True)
     env = {
         **os.environ,
@@ -706,6 +727,8 @@ def main(argv: list[str] | None = None) -> None:
             save(name, results, args)
     finally:
         server.stop()
+        if database is not None:
+            database.stop()
 
 
 def save(name: str, results: dict[str, Any], args: argparse.Namespace) -> None:
