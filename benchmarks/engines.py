@@ -44,8 +44,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks import data
-from benchmarks.run import MARKDOWN, ROOT, SERVER_SETTINGS, PrefectServer, free_port, measure, update_markdown
-from tests.postgres import PostgresServer
+from benchmarks.run import (
+    MARKDOWN,
+    ROOT,
+    add_database_argument,
+    free_port,
+    measure,
+    running_server,
+    update_markdown,
+)
 
 ENGINES = ("local", "processes", "dask", "ray")
 
@@ -66,12 +73,7 @@ def main() -> None:
     )
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--clusters", choices=("started", "running"), default="started")
-    parser.add_argument(
-        "--database",
-        choices=("sqlite", "postgres"),
-        default="sqlite",
-        help="the Prefect server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)",
-    )
+    add_database_argument(parser)
     parser.add_argument("--no-markdown", dest="markdown", action="store_false")
     args = parser.parse_args()
     running = args.clusters == "running"
@@ -81,63 +83,53 @@ def main() -> None:
     checkpoint = data.checkpoint(bench)
     inputs = {rows: data.tabular(bench / "data", rows, array=False)["columns"] for rows in sizes}
     work = Path(tempfile.mkdtemp(prefix="bench-engines-", dir=bench))
-    database = PostgresServer() if args.database == "postgres" else None
-    settings = dict(SERVER_SETTINGS)
-    if database is not None:
-        database.start()  # its port is known once started
-        settings.update(database.prefect_settings)
-    server = PrefectServer(work / "prefect-home", work / "server.log", settings=settings)
+    postgres = args.database == "postgres"
     engines = args.engines.split(",")
     runs: dict[int, dict[str, list[dict]]] = {rows: {e: [] for e in engines} for rows in sizes}
-    try:
-        server.start()
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(running_server(work / "prefect-home", work / "server.log", args.database))
         extra = {**server.env(), "PYTHONPATH": str(ROOT)}  # what the runs and the clusters' workers need
         if running and "ray" in engines:
             # The head from `ray start` and every driver share a token of this benchmark's own (Ray >= 2.59
             # authenticates with a token; `ray start` does not make one), so no file of the user's is used.
             extra.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         env = {**os.environ, **extra}
-        with contextlib.ExitStack() as stack:
-            addresses = stack.enter_context(clusters(engines, args.devices, extra)) if running else {}
-            for repeat in range(args.repeats + (1 if running else 0)):
-                for rows in sizes if repeat or not running else sizes[:1]:
-                    for engine in engines:
-                        output = work / f"out-{engine}"
-                        params = {
-                            "model": "mlp",
-                            "checkpoint": str(checkpoint),
-                            "input": str(inputs[rows]),
-                            "output": str(output),
-                            "batch_size": args.batch_size,
-                            "threads": args.threads,
-                            "devices": f"fake:{args.devices}",
-                            "engine": engine,
-                        }
-                        if engine in addresses:  # every worker reaches these paths: the same machine
-                            shutil.rmtree(output, ignore_errors=True)
-                            params.update(
-                                engine_address=addresses[engine],
-                                checkpoint=f"file://{checkpoint}",
-                                input=f"file://{inputs[rows]}",
-                                output=f"file://{output}",
-                            )
-                        result = measure("flow", params, env, work / "runs.log")
-                        if running and repeat == 0:
-                            print(f"{engine}: warm-up {result['seconds']:.2f} s (not counted)", flush=True)
-                            continue
-                        runs[rows][engine].append(result)
-                        print(
-                            f"{engine}, {rows:,} rows: flow {result['seconds']:.2f} s, {summary(result, args.devices)}",
-                            flush=True,
+        addresses = stack.enter_context(clusters(engines, args.devices, extra)) if running else {}
+        for repeat in range(args.repeats + (1 if running else 0)):
+            for rows in sizes if repeat or not running else sizes[:1]:
+                for engine in engines:
+                    output = work / f"out-{engine}"
+                    params = {
+                        "model": "mlp",
+                        "checkpoint": str(checkpoint),
+                        "input": str(inputs[rows]),
+                        "output": str(output),
+                        "batch_size": args.batch_size,
+                        "threads": args.threads,
+                        "devices": f"fake:{args.devices}",
+                        "engine": engine,
+                    }
+                    if engine in addresses:  # every worker reaches these paths: the same machine
+                        shutil.rmtree(output, ignore_errors=True)
+                        params.update(
+                            engine_address=addresses[engine],
+                            checkpoint=f"file://{checkpoint}",
+                            input=f"file://{inputs[rows]}",
+                            output=f"file://{output}",
                         )
-    finally:
-        server.stop()
-        if database is not None:
-            database.stop()
+                    result = measure("flow", params, env, work / "runs.log")
+                    if running and repeat == 0:
+                        print(f"{engine}: warm-up {result['seconds']:.2f} s (not counted)", flush=True)
+                        continue
+                    runs[rows][engine].append(result)
+                    print(
+                        f"{engine}, {rows:,} rows: flow {result['seconds']:.2f} s, {summary(result, args.devices)}",
+                        flush=True,
+                    )
     flag = " --clusters running" if running else ""
-    flag += " --database postgres" if database else ""
+    flag += " --database postgres" if postgres else ""
     where = "clusters running before the runs, reached by address" if running else "clusters started by each run"
-    where += ", the server on PostgreSQL" if database else ""
+    where += ", the server on PostgreSQL" if postgres else ""
     flag += f" --threads {args.threads}" if args.threads else ""
     command = (
         f"`python -m benchmarks.engines --rows {args.rows} --devices {args.devices} --repeats {args.repeats}{flag}`"
@@ -170,14 +162,14 @@ def main() -> None:
     name = "engines-running" if running else "engines"
     if len(sizes) > 1:
         name += "-sizes"
-    if database is not None:
+    if postgres:
         name += "-postgres"
     if args.devices != 2 or args.threads:
         name += f"-{args.devices}-devices" + (f"-{args.threads}-threads" if args.threads else "")
     (ROOT / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(runs, indent=2) + "\n")
     if args.markdown and MARKDOWN.exists():
         key = "EnginesRunning" if running else "Engines"
-        update_markdown(key + ("Sizes" if len(sizes) > 1 else "") + ("Postgres" if database else ""), body)
+        update_markdown(key + ("Sizes" if len(sizes) > 1 else "") + ("Postgres" if postgres else ""), body)
 
 
 def split_costs(

@@ -27,6 +27,7 @@ workload), and the tables into BENCHMARKS.md (not with `--no-markdown`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +202,37 @@ class PrefectServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+
+
+DATABASES = ("sqlite", "postgres")
+
+
+def add_database_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database",
+        choices=DATABASES,
+        default="sqlite",
+        help="the Prefect server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)",
+    )
+
+
+@contextlib.contextmanager
+def running_server(home: Path, log: Path, database: str = "sqlite") -> Iterator[PrefectServer]:
+    """A started `prefect server start` with the README's settings, its database in SQLite under `home` or
+    in a throwaway PostgreSQL; both stopped on the way out, also after a failed start."""
+    with contextlib.ExitStack() as stack:
+        settings = dict(SERVER_SETTINGS)
+        if database == "postgres":
+            from tests.postgres import PostgresServer
+
+            postgres = PostgresServer()
+            stack.callback(postgres.stop)
+            postgres.start()  # its port is known once started
+            settings.update(postgres.prefect_settings)
+        server = PrefectServer(home, log, settings=settings)
+        stack.callback(server.stop)
+        server.start()
+        yield server
 
 
 # -- the workloads -----------------------------------------------------------------------------------------
@@ -629,12 +662,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--bench-dir", default=str(ROOT / ".bench"))
     parser.add_argument("--json", default=None, help="write the results to this file, keyed by workload")
-    parser.add_argument(
-        "--database",
-        choices=("sqlite", "postgres"),
-        default="sqlite",
-        help="the Prefect server's database: SQLite in its home, or a throwaway PostgreSQL (tests/postgres.py)",
-    )
+    add_database_argument(parser)
     parser.add_argument("--no-markdown", dest="markdown", action="store_false", help="leave BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     args.only = {key.strip() for key in args.only.split(",") if key.strip()}
@@ -690,34 +718,19 @@ def main(argv: list[str] | None = None) -> None:
         plans["hf"] = hf_rows(args, bench, device["device"])
     plans = {name: plan for name, plan in plans.items() if plan[0] or plan[1]}
 
-    database = None
-    if args.database == "postgres":
-        from tests.postgres import PostgresServer
-
-        database = PostgresServer()
-        database.start()
-    settings = dict(SERVER_SETTINGS, **(database.prefect_settings if database else {}))
-    server = PrefectServer(
-        home=Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench)), log=bench / "prefect.log", settings=settings
-    )
+    home = Path(tempfile.mkdtemp(prefix="prefect-home-", dir=bench))
     print(f"starting prefect server on {args.database} ...", end=" ", flush=True)
-    try:
-        server.start()
-    except BaseException:
-        if database is not None:
-            database.stop()
-        raise
-    print(f"healthy after {server.startup_seconds:.1f} s ({server.api_url})", flush=True)
-    env = {
-        **os.environ,
-        **server.env(),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        # The repository first, then whatever the caller had (packages installed with --target, say).
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
-    }
-    results: dict[str, Any] = {}
-    try:
+    with running_server(home, bench / "prefect.log", args.database) as server:
+        print(f"healthy after {server.startup_seconds:.1f} s ({server.api_url})", flush=True)
+        env = {
+            **os.environ,
+            **server.env(),
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # The repository first, then whatever the caller had (packages installed with --target, say).
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
+        }
+        results: dict[str, Any] = {}
         for name, (rows, extra) in plans.items():
             repeats = args.repeats if name == "mlp" else args.text_repeats
             print(f"\n{name}: {len(rows)} variants x {repeats} run(s), round-robin", flush=True)
@@ -725,10 +738,6 @@ def main(argv: list[str] | None = None) -> None:
             run_rows(extra, repeats, env, log)
             results[name] = report(name, rows, extra, args, info, server)
             save(name, results, args)
-    finally:
-        server.stop()
-        if database is not None:
-            database.stop()
 
 
 def save(name: str, results: dict[str, Any], args: argparse.Namespace) -> None:
