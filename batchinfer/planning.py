@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from batchinfer.errors import InputError, SchemaError
 from batchinfer.partitions import PartitionFilter, arrow_type, hive_segments, typed_value
-from batchinfer.storage import FileInfo, Storage
+from batchinfer.storage import FileInfo, Storage, hash_file
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Partition:
     num_rows: int
     row_groups: tuple[int, ...]
     schema: dict[str, str] = field(default_factory=dict)
-    content: str = ""  # the store's checksum, or a digest of the footer
+    content: str = ""  # the store's checksum, a hash of a local file's bytes, else a digest of the footer
     stamp: str = ""  # FileInfo.stamp when the footer was read
     relative: str = ""  # the path under the input folder
     hive: tuple[tuple[str, str | None], ...] = ()  # `key=value` folders above it
@@ -135,7 +135,7 @@ def read_partition(storage: Storage, info: FileInfo, *, named: bool = True) -> P
         raise InputError(f"{uri} is not a readable Parquet file ({_reason(exc)})", uri=uri) from exc
     row_groups = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     types = {name: str(schema.field(name).type) for name in schema.names}
-    content = info.checksum or f"footer:{hashlib.sha256(footer).hexdigest()}"
+    content = info.checksum or _local_content(storage, uri, footer)
     return Partition(
         uri=uri,
         size=info.size,
@@ -150,11 +150,21 @@ def read_partition(storage: Storage, info: FileInfo, *, named: bool = True) -> P
     )
 
 
+def _local_content(storage: Storage, uri: str, footer: bytes) -> str:
+    """A hash of every byte on a local disk: a rewrite of one value can keep the size and the footer, whose
+    statistics are only each row group's bounds. A store without checksums has only its footer to go by."""
+    if storage.is_local:
+        return hash_file(storage.path(uri))
+    return f"footer:{hashlib.sha256(footer).hexdigest()}"
+
+
 def current_fingerprint(storage: Storage, part: Partition) -> str:
     """The partition's fingerprint as its file is now ("" when it is no longer Parquet)."""
     storage.invalidate(part.uri)
     try:
         info = storage.info(part.uri)
+        if info.stamp and info.stamp == part.stamp and info.size == part.size:
+            return part.fingerprint  # not written since it was planned (see KnownFooters)
         found = read_partition(storage, replace(info, relative=part.relative))
     except InputError:  # gone, or no longer Parquet
         return ""

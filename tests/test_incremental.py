@@ -70,7 +70,7 @@ def test_a_new_night_reads_only_what_is_new(nights: Path, tmp_path: Path, reads:
     write_features(nights / "night=3" / "p.parquet", np.arange(900, 1200), 100)
     plan, report = run_core(**job(nights, tmp_path / "out"))
     assert report.ok and report.shards_run == 1 and report.shards_skipped == 3 and report.rows_out == 1200
-    assert reads["footers"] == ["night=3", "night=3"]  # planned, and fingerprinted again after scoring
+    assert reads["footers"] == ["night=3"]  # planned; after scoring its stamp shows it was not written since
     assert reads["keys"] == ["night=3"]  # the key check; nothing else reads the input's keys
     assert reads["shards"] == []  # merge-and-validate took the committed shards from their markers
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())

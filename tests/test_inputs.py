@@ -215,6 +215,32 @@ def test_a_touch_or_a_copy_reruns_nothing_and_a_same_size_rewrite_is_rescored(tm
     assert sorted(markers(output)) == sorted(s.shard_id for s in plan.shards)  # the stale marker is gone
 
 
+def test_one_value_rewritten_inside_its_column_range_is_rescored(tmp_path):
+    """A rewrite that keeps the size, the footer (row groups, sizes, min/max statistics) and the time."""
+    data = tmp_path / "data"
+    write_features(data / "part-0.parquet", np.arange(0, 300), 100)
+    output = tmp_path / "out"
+    plan, report = run_core(**job(data, output))
+    assert report.ok and report.shards_run == 1
+
+    victim = data / "part-0.parquet"
+    stat, footer = victim.stat(), victim.read_bytes()[-2048:]
+    table = pq.read_table(victim)
+    x1 = table.column("x1").to_numpy().copy()
+    x1[150] = (x1[149] + x1[151]) / 2  # inside the row group's min and max
+    pq.write_table(table.set_column(2, "x1", pa.array(x1)), victim, row_group_size=100)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert victim.stat().st_size == stat.st_size and victim.read_bytes()[-2048:] == footer
+    before = predictions(output)
+    plan, report = run_core(**job(data, output))
+    assert report.ok and report.shards_run == 1 and report.shards_skipped == 0
+    after = predictions(output)
+    assert after.filter(pl.col("id") != 150).equals(before.filter(pl.col("id") != 150))
+    assert after.filter(pl.col("id") == 150)["probabilities"].to_list() != (
+        before.filter(pl.col("id") == 150)["probabilities"].to_list()
+    )
+
+
 @pytest.mark.s3
 @pytest.mark.usefixtures("prefect_server")
 def test_on_s3_a_re_put_of_the_same_bytes_reruns_and_rewrites_nothing(tmp_path, s3_bucket):
