@@ -5,8 +5,9 @@ outputs. What those are is declared: by an extra file `batchinfer.json` saved
 in the archive (`{"output_kind": ..., "labels": [...], "normalizes": ...}`,
 see `save_metadata`) or by `--output-kind`. Classifier outputs are logits
 (softmax applied), multilabel ones logits (sigmoid applied), the other kinds
-are taken as they are. Neither format unpickles arbitrary Python objects.
-The feature names come from `--features`.
+are taken as they are. Both formats are code, and loading either may unpickle
+(`torch.jit.load`; `torch.export.load` for pickled payloads in the archive):
+load them only from sources you trust. The feature names come from `--features`.
 """
 
 from __future__ import annotations
