@@ -51,6 +51,7 @@ def deployed(stack, tabular, tmp_path_factory):
         "BATCHINFER_NIGHTLY_INPUT": tabular["input"],
         "BATCHINFER_NIGHTLY_OUTPUT": str(nightly / "out"),
         "BATCHINFER_NIGHTLY_CHECKPOINT": tabular["checkpoint"],
+        "BATCHINFER_DASK_SCHEDULER": "tcp://10.0.0.5:8786",
     }
     stack.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all", extra_env=nightly_env)
     stack.start("worker", [PREFECT, "worker", "start", "--pool", LOCAL_POOL])
@@ -201,6 +202,14 @@ def test_server_refuses_bad_parameters_when_the_run_is_created(stack, deployed, 
 
 
 # -- schedules and GPU templates -----------------------------------------------------
+
+
+@server
+def test_the_cluster_deployment_runs_on_the_scheduler_given_at_deploy_time(stack, deployed):
+    with stack.client() as client:
+        cluster = deployment(client, "score-on-cluster")
+    compute = cluster.parameters["compute"]
+    assert (compute["engine"], compute["engine_address"]) == ("dask", deployed["nightly"]["BATCHINFER_DASK_SCHEDULER"])
 
 
 @server
