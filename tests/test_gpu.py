@@ -343,3 +343,20 @@ def test_a_device_side_assert_takes_the_gpu_out_of_the_pool_with_one_line(tabula
     assert lines[0].startswith("batchinfer: run failed: ") and "left the pool" in lines[0], lines[0]
     assert "device-side assert" in lines[0] or "CUDA error" in lines[0], lines[0]
     assert not list((tmp_path / "out" / "markers").glob("*.json"))
+
+
+def test_an_onnx_model_on_a_gpu_shard_gives_its_outputs_on_that_device(tmp_path):
+    """With or without onnxruntime's CUDA provider, a shard on cuda:0 gets the ONNX model's outputs there."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from tests.test_onnx import FEATURES, export
+
+    data = tmp_path / "data"
+    data.mkdir()
+    x = np.random.default_rng(0).standard_normal((300, len(FEATURES)), dtype=np.float32)
+    pl.DataFrame({"id": np.arange(300), **dict(zip(FEATURES, x.T, strict=True))}).write_parquet(data / "p.parquet")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    path = export(module, tmp_path / "cls.onnx", {"features": (2, 6)}, ["logits"], output_kind="classifier")
+    job = {"input_uri": str(data), "model": str(path), "features": FEATURES}
+    assert _gpu_against_cpu(tmp_path, "cuda:0", "probabilities", **job) <= 1e-5

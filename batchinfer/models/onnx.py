@@ -15,6 +15,8 @@ output named `probabilities` is taken as it is; other classifier and multilabel 
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Any
 
@@ -25,6 +27,8 @@ from batchinfer.errors import ModelError
 from batchinfer.models.base import ModelSpec, Wanted, choose_output, declared_output, digest
 from batchinfer.models.checkpoints import read_checkpoint_bytes
 from batchinfer.outputs import activation
+
+log = logging.getLogger(__name__)
 
 # Output names looked for, per kind, when the graph has several outputs.
 OUTPUT_NAMES = {
@@ -59,11 +63,23 @@ def _session(data: bytes, uri: str, device: torch.device) -> Any:
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
     else:
+        if device.type == "cuda":
+            _warn_cpu_only(uri, device)
         options.intra_op_num_threads = torch.get_num_threads()  # the threads this device was given
     try:
         return ort.InferenceSession(data, sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{uri} is not a loadable ONNX model ({str(exc).splitlines()[0][:200]})", uri=uri) from None
+
+
+@functools.cache
+def _warn_cpu_only(uri: str, device: torch.device) -> None:
+    log.warning(
+        "%s runs on the CPU although the shard holds %s: this onnxruntime has no CUDAExecutionProvider "
+        "(install onnxruntime-gpu of the same version in its place)",
+        uri,
+        device,
+    )
 
 
 class _Input:
@@ -96,7 +112,7 @@ class OnnxPredictor:
 
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         out = torch.from_numpy(np.asarray(self.run(batch.detach().cpu().numpy()), dtype=np.float32))
-        return self.finish(out)
+        return self.finish(out.to(batch.device))  # the shard's device, where the runner reads outputs
 
 
 def resolve(
