@@ -362,6 +362,26 @@ def test_the_process_pool_engine_gives_the_same_predictions_as_threads(tabular, 
     assert len(loads) == len(set(loads))  # at most one load per worker process and device
     assert {(m["pid"], m["device"]) for m in markers} == set(loads)  # every pair that scored loaded once
     _assert_each_device_held_once(markers)
+    # The core's INFO lines from the worker processes reach the run's log, as the local engine's do.
+    done = {m["shard_id"] for m in markers}
+    assert done <= _core_lines_in_run_logs("batchinfer.runner", done)
+
+
+def _core_lines_in_run_logs(logger: str, shard_ids: set[str]) -> set[str]:
+    """The shard ids that a `shard ... done on` line of `logger` names in the server's logs (shipped in batches)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterName
+    from prefect.client.schemas.sorting import LogSort
+
+    found: set[str] = set()
+    deadline = time.monotonic() + 20
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline and not shard_ids <= found:
+            named = LogFilter(name=LogFilterName(any_=[logger]))
+            logs = client.read_logs(log_filter=named, limit=200, sort=LogSort.TIMESTAMP_DESC)
+            found |= {i for log in logs for i in shard_ids if f"shard {i} done on" in log.message}
+            time.sleep(0.5)
+    return found
 
 
 _FREEZE = """

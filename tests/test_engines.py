@@ -15,7 +15,13 @@ import pytest
 from cli.main import EXIT_BAD_INPUT, main
 from tests.conftest import run_job
 from tests.faulty_models import FEATURES
-from tests.test_devices import _assert_each_device_held_once, _interval, _markers, _max_overlap
+from tests.test_devices import (
+    _assert_each_device_held_once,
+    _core_lines_in_run_logs,
+    _interval,
+    _markers,
+    _max_overlap,
+)
 
 pytest.importorskip("prefect_dask", reason="the dask extra is part of the test install")
 pytest.importorskip("prefect_ray", reason="the ray extra is part of the test install")
@@ -73,6 +79,8 @@ def _assert_placed_by_engine(output: Path, local_result: Path) -> list[dict]:
     assert len(by_worker) == 2 and all(len(d) == 1 for d in by_worker.values())  # one device per worker
     loads = [m for m in markers if m["model_loaded"]]
     assert len(loads) == 2  # once per worker process and device, reused by its other shards
+    done = {m["shard_id"] for m in markers}
+    assert done <= _core_lines_in_run_logs("batchinfer.runner", done)  # the workers' INFO lines in the run's log
     return markers
 
 
