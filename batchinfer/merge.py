@@ -133,9 +133,10 @@ def merge_and_validate(plan: Plan, results: dict[str, dict[str, Any]] | None = N
             faults.point("merge.validated")
             _check_still_ours(plan, storage, layout, versions, markers)  # before any part is committed
         report.parts = len(written)
-        for shard_uri, part_uri in copies:  # only once every shard passed, like the parts written above
-            storage.copy(shard_uri, part_uri)
-        records = {p: {"part_shards": ids, "part_file": storage.file_record(layout.part(p))} for p, ids in rebuilt}
+        # Only once every shard passed, like the parts written above; many at once on an object store.
+        storage.map(lambda pair: storage.copy(*pair), copies)
+        files = storage.map(lambda item: storage.file_record(layout.part(item[0])), rebuilt)
+        records = {p: {"part_shards": ids, "part_file": f} for (p, ids), f in zip(rebuilt, files, strict=True)}
         _remove_stale(plan, storage, layout, written, listed)
         if failed:
             report.missing_keys = _record_missing(plan, failed, storage, in_storage, layout)
@@ -455,8 +456,10 @@ def _check_input_unchanged(plan: Plan, in_storage: Storage, report: RunReport) -
     hold what the input held when planned, and the next run plans again.
     """
     scored = {s.partition_uri for s in plan.pending}
-    for part in plan.partitions:
-        if part.uri in scored and current_fingerprint(in_storage, part) != part.fingerprint:
+    parts = [part for part in plan.partitions if part.uri in scored]
+    now = in_storage.map(lambda part: current_fingerprint(in_storage, part), parts)
+    for part, fingerprint in zip(parts, now, strict=True):
+        if fingerprint != part.fingerprint:
             raise _Invalid(f"{part.uri}: input changed during the run (size or content differs); run again")
     report.checks.append(Check("keys unique", True, "input keys unique when planned; partitions unchanged"))
 
