@@ -3,8 +3,9 @@
 Off unless `BATCHINFER_FAULT_POINTS` names a folder. A line `PATTERN SECONDS` in its file `pause`
 makes each point whose name matches the glob PATTERN append its name to the file `reached`, then wait
 SECONDS before going on. Points: `startup`, `scoring` (a shard's first chunk), `commit.data` (a shard's
-data is in place, its marker not yet), `merge.validated` (every shard checked, no part committed yet),
-`rename:FOLDER/NAME` (a file written under a temporary name, just before the rename or the upload).
+data is in place, its marker not yet), `commit.marker` (both in place, the task not yet ended),
+`merge.validated` (every shard checked, no part committed yet), `rename:FOLDER/NAME` (a file written
+under a temporary name, just before the rename or the upload).
 """
 
 from __future__ import annotations

@@ -185,6 +185,7 @@ def score_shard(
         stats.finished_at = _now()
         faults.point("commit.data")
         _write_marker(shard, settings, spec, stats, storage, files)
+        faults.point("commit.marker")
     progress.emit(progress.Event("shard_done", shard.shard_id, rows=stats.rows_in))
     log.info(
         "shard %s done on %s: %d rows in %.2f s (%d errors)",

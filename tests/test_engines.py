@@ -7,6 +7,9 @@ local Ray with 2 logical GPUs. Each shard asks the engine for one GPU and runs o
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import polars as pl
@@ -108,6 +111,45 @@ def test_dask_cluster_by_address_and_a_worker_killed_mid_shard(
     assert _predictions(tmp_path / "out").equals(_predictions(local_result))
     markers = _markers(tmp_path / "out")
     assert len(markers) == 8 and len(list((tmp_path / "out" / "shards").glob("*.parquet"))) == 8
+
+
+def test_a_dask_worker_killed_after_its_commit_leaves_the_shard_committed_once(
+    tabular, tmp_path, local_result, api_in_environment, monkeypatch
+):
+    """SIGKILL between a shard's marker and its task's end: Dask runs the task again on a worker, which finds
+    the marker and its file and does not score or commit the shard a second time."""
+    from distributed import LocalCluster
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "pause").write_text("commit.marker 5\n")
+    monkeypatch.setenv("BATCHINFER_FAULT_POINTS", str(faults))
+    out = tmp_path / "out"
+    shared = {"input_uri": f"file://{tabular['input']}", "output_uri": f"file://{out}"}
+    outcome: dict = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, resources={"GPU": 1}, dashboard_address=None) as cluster:
+        job = threading.Thread(
+            target=lambda: outcome.update(
+                _job(tabular, out, engine="dask", engine_address=cluster.scheduler_address, **shared)
+            )
+        )
+        job.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (faults / "reached").exists():
+            time.sleep(0.05)
+        (faults / "pause").write_text("")  # no other shard waits there
+        name, pid = (faults / "reached").read_text().split("\n")[0].split()
+        assert name == "commit.marker"
+        committed = {m["shard_id"]: m for m in _markers(out)}  # the killed shard's marker is among them
+        os.kill(int(pid), signal.SIGKILL)
+        job.join(timeout=180)
+    assert not job.is_alive() and outcome["ok"] and outcome["shards_run"] == 8
+    assert _predictions(out).equals(_predictions(local_result))
+    markers = {m["shard_id"]: m for m in _markers(out)}
+    assert len(markers) == 8 and all((out / "shards" / f"{i}.parquet").exists() for i in markers)
+    killed = [i for i, m in committed.items() if m["pid"] == int(pid)]
+    assert killed and all(markers[i] == committed[i] for i in killed)  # committed once, by the killed worker
+    assert int(pid) not in {m["pid"] for i, m in markers.items() if i not in committed}  # it did die
 
 
 def test_ray_local_places_each_shard_on_its_own_gpu(tabular, tmp_path, control, local_result):
