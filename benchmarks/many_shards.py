@@ -2,22 +2,26 @@
 
     .venv/bin/python -m benchmarks.many_shards --shards 1000 --storage local
     .venv/bin/python -m benchmarks.many_shards --shards 1000 --storage s3   # moto's S3 server over HTTP
+    .venv/bin/python -m benchmarks.many_shards --shards 1000 --database postgres
 
 Shards of 10 rows each (one partition file per shard), scored by the MLP on `fake:2`, against one
-`prefect server start` on SQLite started first. The model's work is negligible, so the flow's time is
+`prefect server start` started first, on SQLite or a throwaway PostgreSQL. The model's work is negligible, so the flow's time is
 the per-shard cost of the task runs, their events, the device locks and the commits. Reported: the flow's
 time and its time per shard; the server's CPU seconds during the run (from /proc); the task runs and
 events the server stored; the bytes of markers and of the manifest; and on S3 the requests by method,
-from the S3 server's access log. Results go to benchmarks/results/many-shards-<storage>-<shards>.json.
+from the S3 server's access log. Results go to
+benchmarks/results/many-shards-<storage>-<engine>-<database>-<shards>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.run import ROOT, PrefectServer, measure
+from benchmarks.run import ROOT, add_database_argument, measure, running_server
 
 ROWS_PER_SHARD = 10
 
@@ -68,14 +72,8 @@ def main() -> None:
     parser.add_argument("--storage", choices=["local", "s3"], default="local")
     parser.add_argument("--engine", default="local")
     parser.add_argument("--devices", default="fake:2")
-    parser.add_argument(
-        "--database-url",
-        default=None,
-        help="the server's database, e.g. postgresql+asyncpg://user:pw@127.0.0.1:5432/db (default: SQLite in its home)",
-    )
+    add_database_argument(parser)
     args = parser.parse_args()
-    if args.database_url:
-        os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = args.database_url
 
     from batchinfer import demo
 
@@ -84,8 +82,8 @@ def main() -> None:
     rows = args.shards * ROWS_PER_SHARD
     demo.write_tabular(work / "data", rows=rows, partitions=args.shards, row_group_rows=ROWS_PER_SHARD)
     checkpoint = demo.train_mlp(work / "mlp.safetensors", rows=2_000, steps=10)
-    server = PrefectServer(work / "prefect-home", work / "server.log")
-    server.start()
+    stack = contextlib.ExitStack()
+    server = stack.enter_context(running_server(work / "prefect-home", work / "server.log", args.database))
     env = {**os.environ, **server.env(), "PYTHONPATH": str(ROOT)}
     s3 = None
     params = {
@@ -112,12 +110,12 @@ def main() -> None:
         server_cpu_settled = tree_cpu_seconds(server.proc.pid) - before
         database_cpu = database_cpu_seconds() - database_before
     finally:
-        server.stop()
+        stack.close()
         if s3 is not None:
             s3.terminate()
             s3.wait()
     database = work / "prefect-home" / "prefect.db"
-    if args.database_url:
+    if args.database == "postgres":
         task_runs = events = -1  # counted by the server's own API in SQLite runs; PostgreSQL's CPU is shown instead
     else:
         with sqlite3.connect(database) as db:
@@ -139,9 +137,9 @@ def main() -> None:
         "server_cpu_ms_per_shard": round(1000 * server_cpu_settled / result["shards"], 1),
         "task_runs": task_runs,
         "events": events,
-        "database": "postgresql" if args.database_url else "sqlite",
+        "database": "postgresql" if args.database == "postgres" else "sqlite",
         "database_mb": round(database.stat().st_size / 2**20, 1) if database.exists() else None,
-        "postgres_cpu_s": round(database_cpu, 1) if args.database_url else None,
+        "postgres_cpu_s": round(database_cpu, 1) if args.database == "postgres" else None,
     }
     if args.storage == "local":
         markers = list((work / "out" / "markers").glob("*.json"))
@@ -155,6 +153,7 @@ def main() -> None:
     results.mkdir(exist_ok=True)
     name = f"many-shards-{args.storage}-{args.engine}-{out['database']}-{args.shards}.json"
     (results / name).write_text(json.dumps(out, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def start_s3(work: Path, params: dict, env: dict) -> subprocess.Popen:
