@@ -195,14 +195,21 @@ def _assert_all_end(pids: set[int], timeout: float = 15.0) -> None:
     assert not [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in pids if _alive(pid)]
 
 
-@pytest.mark.parametrize("engine", ["local", "processes"])
-def test_sigkill_mid_shard_then_the_same_command_finishes(data, tmp_path, control, clean, engine):
-    """SIGKILL mid-shard, then the same command with the same Prefect home (embedded server, default tag):
-    nothing of the killed run lives on, the rerun neither hangs nor recomputes what was committed, and it
-    ends with a clean run's bytes."""
+@pytest.mark.parametrize(
+    ("engine", "server"),
+    [("local", "embedded"), ("processes", "embedded"), ("local", "running")],
+    ids=["local", "processes", "running-server"],
+)
+def test_sigkill_mid_shard_then_the_same_command_finishes(data, tmp_path, control, clean, engine, server, request):
+    """SIGKILL mid-shard, then the same command with the same Prefect home (embedded server, default tag), or
+    against the same `prefect server start`: nothing of the killed run lives on, the rerun neither hangs nor
+    recomputes what was committed, and it ends with a clean run's bytes."""
     output = tmp_path / "out"
     (control / "sleep").write_text("0.25")
     env = cli_env(control)
+    if server == "running":
+        stack = request.getfixturevalue("stack")
+        env.update(PREFECT_API_URL=stack.api_url, PREFECT_HOME=str(stack.home))
     args = [sys.executable, "-m", "cli", *cli_args(data, output), "--engine", engine]
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
