@@ -145,6 +145,7 @@ class PartitionFilter:
         except ValueError as exc:
             raise ConfigError(f"--partitions: {exc}") from None
         self.terms: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}
+        self.folder_keys: set[str] = set()  # the `key`s of the folders met while listing, pruned ones too
         for term in terms:
             if term.op in ("<", ">", "<=", ">=") and arrow_type(self.types, term.column) == pa.string():
                 if _NUMBER.fullmatch(term.values[0]):  # as text '10' < '9': a silent wrong selection
@@ -182,6 +183,7 @@ class PartitionFilter:
             return True
         key, value = segment.split("=", 1)
         key = unquote(key)
+        self.folder_keys.add(key)
         if key not in self.terms:
             return True
         try:

@@ -235,7 +235,10 @@ def list_partitions(
     selected = PartitionFilter(partitions, partition_types)
     files = storage.list_files(input_uri, keep_folder=selected.folder_may_hold if selected else None)
     if selected:
+        listed = files
         files = [f for f in files if selected.selects(hive_segments(f.relative, f.uri), f.uri)]
+        if not files:
+            _no_such_partition_column(selected, listed, partitions, input_uri)
     known = known or KnownFooters()
 
     def read(info: FileInfo) -> Partition | None:
@@ -254,6 +257,19 @@ def list_partitions(
         for name, value in part.hive:
             typed_value(name, value, partition_types or {}, part.uri)
     return result
+
+
+def _no_such_partition_column(selected: PartitionFilter, listed: list[FileInfo], text: str | None, uri: str) -> None:
+    """A filter that selects nothing because it names a column no folder has: say which (a misspelling)."""
+    have = selected.folder_keys | {name for f in listed for name, _ in hive_segments(f.relative, f.uri)}
+    missing = [column for column in selected.terms if column not in have]
+    if missing:
+        found = ", ".join(sorted(have)) if have else "none"
+        raise InputError(
+            f"--partitions {text!r} names {', '.join(map(repr, missing))}, which no `key=value` folder under {uri} "
+            f"has (its partition columns: {found})",
+            uri=uri,
+        )
 
 
 def _check_part_names(partitions: list[Partition]) -> None:

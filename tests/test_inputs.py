@@ -103,6 +103,21 @@ def test_a_partition_filter_lists_no_folder_it_refuses(tmp_path, monkeypatch):
     assert [p.hive for p in found][0] == (("date", "2026-11-01"), ("country", "DE"))
 
 
+def test_a_filter_that_selects_nothing_says_why_in_one_line(tmp_path, capsys):
+    data = hive_input(tmp_path)
+    argv = ["run", "--input", str(data), "--output", str(tmp_path / "out"), "--model", GOOD_MODEL, "--devices", "cpu"]
+    assert main([*argv, "--partitions", "country=XX"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"batchinfer: error: no Parquet files selected by --partitions 'country=XX' under {data}"
+    )
+    assert main([*argv, "--partitions", "contry=DE"]) == 2  # a misspelt column
+    assert capsys.readouterr().err.strip() == (
+        f"batchinfer: error: --partitions 'contry=DE' names 'contry', which no `key=value` folder under {data} "
+        "has (its partition columns: country)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_partition_types_type_the_passed_through_column(tmp_path):
     for year in (2025, 2026):
         write_features(tmp_path / "data" / f"year={year}" / "p.parquet", np.arange(year * 100, year * 100 + 50), 25)
