@@ -41,7 +41,7 @@ Engine = Literal["local", "processes", "dask", "ray"]
 ENGINES: tuple[str, ...] = ("local", "processes", "dask", "ray")
 DISTRIBUTED_ENGINES = ("dask", "ray")
 
-# A 1,000,000-row MLP shard keeps the per-shard overhead (a Prefect task plus the commit) near 1-2% (BENCHMARKS.md).
+# Large enough that a shard's own overhead (a Prefect task plus the commit) stays small (BENCHMARKS.md).
 DEFAULT_SHARD_ROWS = 1_000_000
 # 0 = auto: on an accelerator the largest batch that fits, on the CPU the measured best (batchinfer.runner).
 DEFAULT_BATCH_SIZE = 0

@@ -800,7 +800,7 @@ def manifest(
 
 
 # Beyond this many shards the manifest is written on one line: indented JSON goes through Python's own encoder,
-# 3-4x slower than the C one (BENCHMARKS.md, "Incremental runs").
+# slower than the C one (BENCHMARKS.md, "Incremental runs").
 MANIFEST_INDENTED_SHARDS = 256
 
 

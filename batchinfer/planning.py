@@ -85,7 +85,7 @@ class Shard:
     hive: tuple[tuple[str, str | None], ...] = ()  # the partition's `key=value` folders
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "hive": [list(pair) for pair in self.hive]}  # dataclasses.asdict: 10x slower
+        return {**self.__dict__, "hive": [list(pair) for pair in self.hive]}  # dataclasses.asdict is much slower
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Shard:

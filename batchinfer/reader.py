@@ -170,7 +170,7 @@ def feature_matrix(
                 nulls[name] = np.asarray(column.is_null().to_numpy(zero_copy_only=False))
                 column = column.fill_null(False if pa.types.is_boolean(column.type) else 0)
             matrix[:, j] = column.to_numpy(zero_copy_only=False)
-    # One flat pass settles the usual case; a per-row reduction over a C-ordered matrix is 4x slower.
+    # One flat pass settles the usual case; a per-row reduction over a C-ordered matrix is slower.
     if np.isfinite(matrix).all():
         ok = np.ones(rows, dtype=bool)
     else:

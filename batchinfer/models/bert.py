@@ -126,8 +126,9 @@ def load_encoder(folder: Path) -> BertEncoder:
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
-    model = BertEncoder(config)  # (its random initialisation takes 0.1 s; a meta-device context imports
-    # torch._dynamo, 0.9 s) then every parameter is replaced by the file's
+    # A plain random initialisation, then every parameter replaced by the file's: cheaper than a meta-device
+    # context, which imports torch._dynamo.
+    model = BertEncoder(config)
     state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("pooler.")}
     state.pop("embeddings.position_ids", None)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
