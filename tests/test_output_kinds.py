@@ -213,6 +213,23 @@ def test_mlp_checkpoint_metadata_declares_kind_and_labels(data: Path, tmp_path: 
     assert got["labels"].to_list() == [[n for n, p in zip("abc", row, strict=True) if p > 0.5] for row in expected]
 
 
+def test_labels_given_by_the_flag_name_a_checkpoints_predictions(data: Path, tmp_path: Path) -> None:
+    """A checkpoint with no label names: --labels gives them, in the order of the model's outputs."""
+    torch.manual_seed(3)
+    model = mlp.MLP([2, 8, 3]).eval()
+    checkpoint = tmp_path / "plain.safetensors"
+    mlp.save_checkpoint(model, str(checkpoint), ["x0", "x1"])
+    _, report = run_core(**job(data, tmp_path / "out", "mlp", checkpoint=str(checkpoint), labels="cat,dog,eel"))
+    assert report.ok, report.failures
+    got = merged(tmp_path / "out")
+    assert got.columns == ["id", "prediction", "probabilities", "label"]
+    x = torch.from_numpy(np.stack([got["id"].to_numpy().astype(np.float32), x1(got)], axis=1))
+    with torch.no_grad():
+        expected = torch.softmax(model(x), dim=1).numpy().argmax(axis=1)
+    assert got["prediction"].to_list() == expected.tolist()
+    assert got["label"].to_list() == [("cat", "dog", "eel")[i] for i in expected]
+
+
 def _checkpoint(tmp_path: Path, **metadata: object) -> Path:
     path = tmp_path / "model.safetensors"
     mlp.save_checkpoint(mlp.MLP([2, 4, 3]), str(path), ["x0", "x1"], **metadata)  # type: ignore[arg-type]
