@@ -213,6 +213,38 @@ def test_the_cluster_deployment_runs_on_the_scheduler_given_at_deploy_time(stack
 
 
 @server
+def test_a_late_scheduled_run_scores_the_day_before_its_scheduled_time(stack, deployed, tmp_path):
+    """`{yesterday}` is the day before the run's scheduled time, not before the day it happens to start."""
+    import numpy as np
+    from prefect.states import Scheduled
+
+    from tests.core_helpers import GOOD_MODEL, write_features
+
+    scheduled = dt.datetime.now(dt.UTC).replace(hour=2, minute=0, second=0, microsecond=0) - dt.timedelta(days=5)
+    days = [(scheduled - dt.timedelta(days=n)).date() for n in (2, 1, 0)] + [dt.datetime.now(dt.UTC).date()]
+    data = tmp_path / "data"
+    for n, day in enumerate(days):
+        write_features(data / f"date={day}" / "p.parquet", np.arange(n * 100, n * 100 + 100), 50)
+    params = {
+        "input": {"uri": str(data), "partitions": "date={yesterday}", "passthrough": ["date"]},
+        "model": {"model": GOOD_MODEL},
+        "compute": {"devices": "cpu"},
+        "output": {"uri": str(tmp_path / "scores" / "date={yesterday}")},
+    }
+    with stack.client() as client:
+        on_demand = deployment(client, "score-on-demand")
+        run = client.create_flow_run_from_deployment(
+            on_demand.id, parameters=params, state=Scheduled(scheduled_time=scheduled)
+        )
+        run = stack.wait_for_run(client, run.id, logs=("worker",))
+    assert run.state_name == "Completed", (run.state.message, stack.tail("worker"))
+    day = days[1]
+    assert [p.name for p in (tmp_path / "scores").iterdir()] == [f"date={day}"]
+    got = pl.read_parquet(tmp_path / "scores" / f"date={day}" / "predictions" / "**" / "*.parquet")
+    assert got["date"].unique().to_list() == [str(day)] and got.height == 100
+
+
+@server
 def test_nightly_schedule_is_registered_and_runs_are_scheduled(stack, deployed):
     from prefect.client.schemas.filters import (
         DeploymentFilter,
