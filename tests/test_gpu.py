@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,37 @@ def test_an_onnx_model_on_a_gpu_shard_gives_its_outputs_on_that_device(tmp_path)
     path = export(module, tmp_path / "cls.onnx", {"features": (2, 6)}, ["logits"], output_kind="classifier")
     job = {"input_uri": str(data), "model": str(path), "features": FEATURES}
     assert _gpu_against_cpu(tmp_path, "cuda:0", "probabilities", **job) <= 1e-5
+
+
+def test_the_process_pool_on_the_gpus_matches_the_cpu(tabular, tmp_path):
+    """The `processes` engine on real GPUs: worker processes, each loading the model once per GPU it uses."""
+    job = {"input_uri": tabular["input"], "model": "mlp", "checkpoint": tabular["checkpoint"], "shard_rows": 2_000}
+    assert _gpu_against_cpu(tmp_path, "auto", "probabilities", engine="processes", **job) <= 1e-4
+    markers = [json.loads(p.read_text()) for p in (tmp_path / "gpu" / "markers").glob("*.json")]
+    assert all(m["device"].startswith("cuda:") for m in markers)
+    assert os.getpid() not in {m["pid"] for m in markers}
+    loads = [(m["pid"], m["device"]) for m in markers if m["model_loaded"]]
+    assert len(loads) == len(set(loads)) and {(m["pid"], m["device"]) for m in markers} == set(loads)
+
+
+def test_two_runs_on_one_host_never_share_a_gpu(tabular, tmp_path, control):
+    """Two runs at once, one seeing every GPU and one with CUDA_VISIBLE_DEVICES=0: the lock is the GPU's own
+    (its UUID), so physical GPU 0 is never held by two shards."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import python_path
+    from tests.test_devices import _assert_each_device_held_once, _cli_run, _markers
+
+    (control / "sleep").write_text("0.2")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": python_path()}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    procs = [
+        _cli_run(tabular, tmp_path / "all", "auto", env),
+        _cli_run(tabular, tmp_path / "first", "auto", {**env, "CUDA_VISIBLE_DEVICES": "0"}),
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-2000:]
+    on_gpu0 = [m for m in _markers(tmp_path / "all") if m["device"] == "cuda:0"] + _markers(tmp_path / "first")
+    assert {m["device"] for m in on_gpu0} == {"cuda:0"} and len(_markers(tmp_path / "first")) == 4
+    _assert_each_device_held_once(on_gpu0)
