@@ -83,6 +83,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser, groups: Sequence[str]
     parser.add_argument("--verbose", "-v", action="store_true", help="show Prefect's logs and tracebacks")
 
 
+def _schema_argument(parser: argparse.ArgumentParser, group: str, name: str, *, note: str = "", **options: Any) -> None:
+    """A flag of a command that takes one schema field as a string: the schema's help and, unless given, its
+    default."""
+    info = GROUPS[group].model_fields[name]
+    options.setdefault("default", info.get_default(call_default_factory=True))
+    shown = note or (f"(default: {options['default']})" if options["default"] else "")
+    parser.add_argument(flag(group, name), help=f"{info.description} {shown}".strip(), **options)
+
+
 class _Auto(int):
     """0 spelt 'auto' on the command line: the config's "auto", told apart from a literal 0 (refused)."""
 
@@ -139,20 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     rerun = sub.add_parser("rerun", help="rerun the failed or missing shards of the run recorded in an output")
-    rerun.add_argument("--output", required=True)
-    rerun.add_argument("--storage-options", default="")
-    rerun.add_argument("--devices", default=None)
+    rerun.add_argument("--output", required=True, help="the output of the recorded run")
+    _schema_argument(rerun, "input", "storage_options", default="")
+    _schema_argument(rerun, "compute", "devices", default=None, note="(default: the recorded run's)")
     rerun.add_argument("--verbose", "-v", action="store_true")
 
     status = sub.add_parser("status", help="print each shard's state from the markers")
-    status.add_argument("--output", required=True)
-    status.add_argument("--storage-options", default="")
+    status.add_argument("--output", required=True, help="the output of the recorded run")
+    _schema_argument(status, "input", "storage_options", default="")
 
     demo = sub.add_parser("demo", help="generate sample data and a model, then run the flow on both models")
     demo.add_argument("--workdir", default=None, help="folder for data, model and outputs (default: ./batchinfer-demo)")
     demo.add_argument("--rows", type=_int(), default=200_000)
     demo.add_argument("--sentences", type=_int(), default=2_000)
-    demo.add_argument("--devices", default="auto")
+    _schema_argument(demo, "compute", "devices")
     demo.add_argument("--verbose", "-v", action="store_true")
 
     serve = sub.add_parser(
