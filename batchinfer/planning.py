@@ -150,6 +150,10 @@ def read_partition(storage: Storage, info: FileInfo, *, named: bool = True) -> P
     )
 
 
+# New local files are hashed a few at a time: reading from disk, more requests in flight finish sooner.
+HASH_THREADS = 4
+
+
 def _local_content(storage: Storage, uri: str, footer: bytes) -> str:
     """A hash of every byte on a local disk: a rewrite of one value can keep the size and the footer, whose
     statistics are only each row group's bounds. A store without checksums has only its footer to go by."""
@@ -244,7 +248,7 @@ def list_partitions(
     def read(info: FileInfo) -> Partition | None:
         return known.partition(info) or read_partition(storage, info, named=info.uri.endswith(".parquet"))
 
-    found = storage.map(read, files)
+    found = storage.map(read, files, local_threads=HASH_THREADS)
     result = [part for part in found if part is not None]
     skipped = len(files) - len(result)
     if skipped:

@@ -449,11 +449,13 @@ class Storage:
             raise storage_error(exc, uri, "reading") from exc
         return "" if digest == record.get("checksum") else "its checksum differs from the committed one"
 
-    def map(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
-        """`fn` over `items` in order; many at once on object stores, where each call waits on the network."""
-        if self.is_local or len(items) < 2:
+    def map(self, fn: Callable[[T], R], items: list[T], *, local_threads: int = 1) -> list[R]:
+        """`fn` over `items` in order; many at once on object stores, where each call waits on the network,
+        and `local_threads` at once on a local disk."""
+        threads = local_threads if self.is_local else IO_THREADS
+        if threads < 2 or len(items) < 2:
             return [fn(item) for item in items]
-        with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             return list(pool.map(fn, items))
 
     @contextmanager
