@@ -52,7 +52,6 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt,
 }
 _TERM = re.compile(r"^\s*([^=<>!,|\s][^=<>!,|]*?)\s*(>=|<=|!=|==|=|>|<)\s*(.*?)\s*$")
-_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 _DATE = re.compile(r"\{(today|yesterday)([+-]\d+)?(?::([^{}]*))?\}")
 FILTER_HELP = "expected NAME=VALUE, NAME!=VALUE, NAME>=VALUE, NAME<=VALUE, NAME>VALUE or NAME<VALUE, joined by commas"
 
@@ -147,12 +146,6 @@ class PartitionFilter:
         self.terms: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}
         self.folder_keys: set[str] = set()  # the `key`s of the folders met while listing, pruned ones too
         for term in terms:
-            if term.op in ("<", ">", "<=", ">=") and arrow_type(self.types, term.column) == pa.string():
-                if _NUMBER.fullmatch(term.values[0]):  # as text '10' < '9': a silent wrong selection
-                    raise ConfigError(
-                        f"--partitions: {term.column}{term.op}{term.values[0]} would compare {term.column!r} as "
-                        f"text ('10' < '9'); give its type, e.g. --partition-types {term.column}=int64"
-                    )
             try:
                 values = tuple(typed_value(term.column, v, self.types) for v in term.values)
             except InputError as exc:
