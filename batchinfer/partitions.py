@@ -145,6 +145,7 @@ class PartitionFilter:
             raise ConfigError(f"--partitions: {exc}") from None
         self.terms: dict[str, list[tuple[str, tuple[Any, ...]]]] = {}
         self.folder_keys: set[str] = set()  # the `key`s of the folders met while listing, pruned ones too
+        self.pruned = False  # whether listing skipped a folder (what lies below it was not seen)
         for term in terms:
             try:
                 values = tuple(typed_value(term.column, v, self.types) for v in term.values)
@@ -180,9 +181,11 @@ class PartitionFilter:
         if key not in self.terms:
             return True
         try:
-            return self._holds(key, None if value == HIVE_NULL else unquote(value))
+            holds = self._holds(key, None if value == HIVE_NULL else unquote(value))
         except InputError:
             return True  # a bad value is reported with its file when the partition is read
+        self.pruned = self.pruned or not holds
+        return holds
 
     def selects(self, hive: tuple[tuple[str, str | None], ...], uri: str = "") -> bool:
         values = dict(hive)

@@ -1,9 +1,9 @@
-"""Listing partitions and planning shards, from Parquet metadata alone.
+"""Listing partitions and planning shards, from Parquet footers and the partitions' content.
 
 A partition is a file whose footer says it is Parquet, whatever its name (Spark writes `part-00000`).
 Its fingerprint comes from its content: on object stores the store's checksum of the bytes (the ETag),
-on a local disk the size and the footer's bytes (row groups, column chunk sizes and offsets, statistics).
-A touch or a copy keeps it; a rewrite changes it (BENCHMARKS.md, "Fingerprints", for the choice).
+on a local disk a hash of its bytes, taken when the file is new or was written since the output's
+manifest recorded it. A touch or a copy keeps it; a rewrite changes it (BENCHMARKS.md, "Fingerprints").
 
 A shard is a run of whole row groups of one partition, about `shard_rows` rows. Its id hashes the
 partition URI, the partition fingerprint and the row range, so ids stay stable while the input is
@@ -267,7 +267,7 @@ def _no_such_partition_column(selected: PartitionFilter, listed: list[FileInfo],
     """A filter that selects nothing because it names a column no folder has: say which (a misspelling)."""
     have = selected.folder_keys | {name for f in listed for name, _ in hive_segments(f.relative, f.uri)}
     missing = [column for column in selected.terms if column not in have]
-    if missing:
+    if missing and not selected.pruned:  # a pruned folder may hold the column further down
         found = ", ".join(sorted(have)) if have else "none"
         raise InputError(
             f"--partitions {text!r} names {', '.join(map(repr, missing))}, which no `key=value` folder under {uri} "

@@ -115,6 +115,11 @@ def test_a_filter_that_selects_nothing_says_why_in_one_line(tmp_path, capsys):
         f"batchinfer: error: --partitions 'contry=DE' names 'contry', which no `key=value` folder under {data} "
         "has (its partition columns: country)"
     )
+    # A column below a folder the filter skips is not a misspelling: the plain line, not a wrong guess.
+    assert main([*argv, "--partitions", "country=XX,part=1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"batchinfer: error: no Parquet files selected by --partitions 'country=XX,part=1' under {data}"
+    )
     assert not (tmp_path / "out").exists()
 
 
