@@ -244,11 +244,15 @@ def list_partitions(
         if not files:
             _no_such_partition_column(selected, listed, partitions, input_uri)
     known = known or KnownFooters()
-
-    def read(info: FileInfo) -> Partition | None:
-        return known.partition(info) or read_partition(storage, info, named=info.uri.endswith(".parquet"))
-
-    found = storage.map(read, files, local_threads=HASH_THREADS)
+    found = [known.partition(info) for info in files]
+    # Only the files the manifest does not hold as they are now are read, and hashed, a few at a time.
+    new = [info for info, part in zip(files, found, strict=True) if part is None]
+    read = iter(
+        storage.map(
+            lambda i: read_partition(storage, i, named=i.uri.endswith(".parquet")), new, local_threads=HASH_THREADS
+        )
+    )
+    found = [part if part is not None else next(read) for part in found]
     result = [part for part in found if part is not None]
     skipped = len(files) - len(result)
     if skipped:

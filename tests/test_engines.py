@@ -135,10 +135,11 @@ def test_a_dask_worker_killed_after_its_commit_leaves_the_shard_committed_once(
         )
         job.start()
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (faults / "reached").exists():
-            time.sleep(0.05)
+        reached = faults / "reached"
+        while time.monotonic() < deadline and not (reached.exists() and reached.read_text().endswith("\n")):
+            time.sleep(0.05)  # a whole line: the point appends it after creating the file
         (faults / "pause").write_text("")  # no other shard waits there
-        name, pid = (faults / "reached").read_text().split("\n")[0].split()
+        name, pid = reached.read_text().split("\n")[0].split()
         assert name == "commit.marker"
         committed = {m["shard_id"]: m for m in _markers(out)}  # the killed shard's marker is among them
         os.kill(int(pid), signal.SIGKILL)
