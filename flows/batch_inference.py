@@ -205,4 +205,8 @@ def batch_inference(
         publish(plan, results, report)
         if not report.ok:
             return Failed(message=report.first_failure or "validation failed")  # type: ignore[return-value]
-        return {**report.to_dict(), "flow_seconds": round(time.perf_counter() - started, 3)}
+        return {
+            **report.to_dict(),
+            "flow_run_id": str(flow_run.id),
+            "flow_seconds": round(time.perf_counter() - started, 3),
+        }

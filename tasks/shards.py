@@ -9,10 +9,14 @@ shards however it starts.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
 
 from batchinfer.config import RunConfig
 from batchinfer.errors import BatchInferError
@@ -37,6 +41,30 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
+@contextlib.contextmanager
+def core_lines_in_run_log() -> Iterator[None]:
+    """Let the core's INFO lines reach the run's log from a worker of a process pool, Dask or Ray.
+
+    PREFECT_LOGGING_EXTRA_LOGGERS=batchinfer gives the `batchinfer` logger Prefect's API handler but leaves
+    its level unset, so INFO records would stop at the root logger's WARNING. The flow sets the level in its
+    own process; a worker keeps it once set (only tasks log there). Prefect sends logs in batches and does not
+    flush a remote worker's at the end of a task, and an engine may stop its workers right after the last
+    one, so the task flushes them itself.
+    """
+    context = FlowRunContext.get()
+    if context is None or not context.detached:  # the flow's own process
+        yield
+        return
+    core = logging.getLogger("batchinfer")
+    if core.level == logging.NOTSET and core.handlers:
+        core.setLevel(logging.getLogger("prefect.extra").level or logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in core.handlers:
+            handler.flush()
+
+
 @task(
     name="plan-shards", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 5], retry_condition_fn=retry_transient
 )
@@ -58,7 +86,8 @@ def plan_run(config: RunConfig, run_id: str | None = None) -> Plan:
 )
 def infer_shard(config: RunConfig, settings: ShardSettings, shard: Shard, run: str = "") -> dict[str, Any]:
     """Own a device on this host, score one shard on it and commit it (data first, marker last)."""
-    return run_shard(config, settings, shard, run=run).to_dict()
+    with core_lines_in_run_log():
+        return run_shard(config, settings, shard, run=run).to_dict()
 
 
 @task(

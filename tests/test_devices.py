@@ -364,20 +364,22 @@ def test_the_process_pool_engine_gives_the_same_predictions_as_threads(tabular, 
     _assert_each_device_held_once(markers)
     # The core's INFO lines from the worker processes reach the run's log, as the local engine's do.
     done = {m["shard_id"] for m in markers}
-    assert done <= _core_lines_in_run_logs("batchinfer.runner", done)
+    assert done <= _core_lines_in_run_logs("batchinfer.runner", done, processes["flow_run_id"])
 
 
-def _core_lines_in_run_logs(logger: str, shard_ids: set[str]) -> set[str]:
-    """The shard ids that a `shard ... done on` line of `logger` names in the server's logs (shipped in batches)."""
+def _core_lines_in_run_logs(logger: str, shard_ids: set[str], flow_run_id: str) -> set[str]:
+    """The shard ids that a `shard ... done on` line of `logger` names in one flow run's logs (shipped in batches).
+
+    Filtered by the run: shard ids come from the inputs and settings, so an earlier run's lines name them too."""
     from prefect import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterName
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterName
     from prefect.client.schemas.sorting import LogSort
 
     found: set[str] = set()
     deadline = time.monotonic() + 20
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline and not shard_ids <= found:
-            named = LogFilter(name=LogFilterName(any_=[logger]))
+            named = LogFilter(name=LogFilterName(any_=[logger]), flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
             logs = client.read_logs(log_filter=named, limit=200, sort=LogSort.TIMESTAMP_DESC)
             found |= {i for log in logs for i in shard_ids if f"shard {i} done on" in log.message}
             time.sleep(0.5)

@@ -68,7 +68,7 @@ def api_in_environment(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
 
 
-def _assert_placed_by_engine(output: Path, local_result: Path) -> list[dict]:
+def _assert_placed_by_engine(output: Path, local_result: Path, report: dict) -> list[dict]:
     assert _predictions(output).equals(_predictions(local_result))
     markers = _markers(output)
     assert len(markers) == 8
@@ -83,7 +83,8 @@ def _assert_placed_by_engine(output: Path, local_result: Path) -> list[dict]:
     loads = [m for m in markers if m["model_loaded"]]
     assert len(loads) == 2  # once per worker process and device, reused by its other shards
     done = {m["shard_id"] for m in markers}
-    assert done <= _core_lines_in_run_logs("batchinfer.runner", done)  # the workers' INFO lines in the run's log
+    # The workers' INFO lines in this run's log.
+    assert done <= _core_lines_in_run_logs("batchinfer.runner", done, report["flow_run_id"])
     return markers
 
 
@@ -92,7 +93,7 @@ def test_dask_local_cluster_places_one_shard_per_gpu_worker(
 ):
     report = _job(tabular, tmp_path / "out", engine="dask")
     assert report["ok"] and report["shards_run"] == 8
-    _assert_placed_by_engine(tmp_path / "out", local_result)
+    _assert_placed_by_engine(tmp_path / "out", local_result, report)
 
 
 def test_dask_cluster_by_address_and_a_worker_killed_mid_shard(
@@ -157,7 +158,7 @@ def test_ray_local_places_each_shard_on_its_own_gpu(tabular, tmp_path, control, 
     (control / "visible").write_text("")
     report = _job(tabular, tmp_path / "out", engine="ray")
     assert report["ok"] and report["shards_run"] == 8
-    markers = _assert_placed_by_engine(tmp_path / "out", local_result)
+    markers = _assert_placed_by_engine(tmp_path / "out", local_result, report)
     seen = {}
     for line in (control / "visible").read_text().split("\n"):
         if line:
