@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -154,13 +155,11 @@ def engine_assigned(devices: list[Device]) -> list[Device]:
 
 
 def _engine_index() -> int | None:
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
-            ids = ray.get_gpu_ids()
-            return int(ids[0]) if ids else None
-    if "distributed" in sys.modules:
+    ray = _loaded("ray")
+    if ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+        ids = ray.get_gpu_ids()
+        return int(ids[0]) if ids else None
+    if _loaded("distributed") is not None:
         from distributed import get_worker
 
         try:
@@ -169,6 +168,14 @@ def _engine_index() -> int | None:
             return None
         return name if isinstance(name, int) else None
     return None
+
+
+def _loaded(name: str) -> types.ModuleType | None:
+    """The module if it has run. prefect-ray imports ray lazily; touching that placeholder would import ray
+    into every run, and from several shard threads at once fails on Python 3.11 (its LazyLoader is not
+    thread-safe). A placeholder's type is LazyLoader's subclass, and asking for it does not load it."""
+    module = sys.modules.get(name)
+    return module if type(module) is types.ModuleType else None
 
 
 def _count(text: str, spec: str) -> int:

@@ -399,6 +399,41 @@ print(frozen, gc.get_freeze_count())
 """
 
 
+_LAZY_RAY = """
+import json, sys, threading
+from batchinfer.devices import discover, engine_assigned  # torch with it, as a run has them
+from prefect.utilities.importtools import lazy_import
+lazy_import("ray")  # as importing prefect-ray does
+devices = discover("fake:2")
+start, got, errors = threading.Barrier(4), [], []
+def shard():
+    start.wait()  # the shard threads of a local run ask at once
+    try:
+        got.append([d.name for d in engine_assigned(devices)])
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=shard) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps({"errors": errors, "got": got, "ray": type(sys.modules["ray"]).__name__}))
+"""
+
+
+def test_a_lazily_imported_ray_is_neither_loaded_nor_broken_by_shard_threads():
+    done = subprocess.run(
+        [sys.executable, "-c", _LAZY_RAY],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": python_path()},
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [] and result["got"] == [["fake:0", "fake:1"]] * 4  # not on an engine: all devices
+    assert result["ray"] == "_LazyModule"  # a run outside Ray does not import it
+
+
 def test_imports_are_frozen_out_of_the_collector_once_per_process():
     done = subprocess.run(
         [sys.executable, "-c", _FREEZE],
