@@ -289,7 +289,7 @@ def _score_and_commit(
         writer = BackgroundWriter(tmp)
         try:
             previous: _Launched | None = None
-            for chunk in prefetch(chunks):
+            for chunk in prefetch(chunks) if _read_ahead(device, text) else chunks:
                 _stop_if_asked(shard.shard_id)
                 faults.point("scoring")
                 launched = _launch_chunk(chunk, settings, spec, predictor, device, batch)
@@ -404,6 +404,14 @@ class _Features:
     ok: np.ndarray
     reasons: list[str]
     host: torch.Tensor | None = None
+
+
+def _read_ahead(device: Device, text: bool) -> bool:
+    """Read the next chunk in a thread of its own, unless the model's threads already use every core: on
+    the CPU, tabular chunks then read faster in turn than beside the forward passes (BENCHMARKS.md)."""
+    if device.is_accelerator or text:
+        return True
+    return torch.get_num_threads() < len(os.sched_getaffinity(0))
 
 
 def _prepared(

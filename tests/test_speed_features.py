@@ -9,6 +9,7 @@ at a time; batch size "auto" halves on out-of-memory and remembers it.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,19 @@ from cli.main import build_parser, config_from_args
 WAIT = 30.0  # seconds; only a guard against hanging, never a measurement
 
 # -- prefetch ------------------------------------------------------------------------------------------------
+
+
+def test_tabular_chunks_on_the_cpu_are_read_ahead_only_beside_spare_cores(monkeypatch):
+    from batchinfer.devices import Device
+    from batchinfer.runner import _read_ahead
+
+    cores = len(os.sched_getaffinity(0))
+    cpu, gpu = Device("cpu", "cpu"), Device("cuda:0", "cuda:0")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: cores)  # the model's threads on every core
+    assert not _read_ahead(cpu, text=False)
+    assert _read_ahead(cpu, text=True) and _read_ahead(gpu, text=False)  # tokenizing, or an idle host CPU
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # fake devices share the cores
+    assert _read_ahead(cpu, text=False) == (cores > 1)
 
 
 def test_prefetch_reads_ahead_while_the_consumer_works():
