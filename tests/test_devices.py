@@ -419,9 +419,10 @@ print(json.dumps({"errors": errors, "got": got, "ray": type(sys.modules["ray"]).
 """
 
 
-def test_a_lazily_imported_ray_is_neither_loaded_nor_broken_by_shard_threads():
+def _python(code: str) -> subprocess.CompletedProcess:
+    """`code` run in a fresh interpreter with the project importable; it must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-c", _LAZY_RAY],
+        [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": python_path()},
@@ -429,21 +430,18 @@ def test_a_lazily_imported_ray_is_neither_loaded_nor_broken_by_shard_threads():
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def test_a_lazily_imported_ray_is_neither_loaded_nor_broken_by_shard_threads():
+    done = _python(_LAZY_RAY)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["errors"] == [] and result["got"] == [["fake:0", "fake:1"]] * 4  # not on an engine: all devices
     assert result["ray"] == "_LazyModule"  # a run outside Ray does not import it
 
 
 def test_imports_are_frozen_out_of_the_collector_once_per_process():
-    done = subprocess.run(
-        [sys.executable, "-c", _FREEZE],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": python_path()},
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _python(_FREEZE)
     frozen, after = map(int, done.stdout.split())
     assert frozen > 50_000  # torch's modules and their objects
     assert after == frozen  # the second call froze nothing of what the run made since
