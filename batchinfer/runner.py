@@ -411,7 +411,7 @@ def _read_ahead(device: Device, text: bool) -> bool:
     the CPU, tabular chunks then read faster in turn than beside the forward passes (BENCHMARKS.md)."""
     if device.is_accelerator or text:
         return True
-    return torch.get_num_threads() < len(os.sched_getaffinity(0))
+    return torch.get_num_threads() < (os.cpu_count() or 1)  # as devices.configure_threads counts them
 
 
 def _prepared(

@@ -10,7 +10,6 @@ its device on the host while it runs; the flow keeps no account of devices.
 # run would fail parameter validation.
 
 import contextlib
-import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,26 +33,8 @@ from batchinfer.pipeline import Plan, check_targets, rescore
 from batchinfer.planning import Shard
 from batchinfer.runner import stop_shards
 from flows.engines import one_gpu_per_shard, task_runner
+from tasks.logs import core_logs_in_flow
 from tasks.shards import infer_shard, merge_run, plan_run
-
-
-@contextlib.contextmanager
-def core_logs_in_run_log() -> Iterator[None]:
-    """Let the core's INFO lines reach the run's log in the UI while the flow runs.
-
-    PREFECT_LOGGING_EXTRA_LOGGERS=batchinfer gives the `batchinfer` logger Prefect's API handler
-    but leaves its level unset, so INFO records would stop at the root logger's WARNING. Take the
-    level Prefect gives its own extra loggers (PREFECT_LOGGING_LEVEL), and put the old one back
-    afterwards: outside a run the API handler has nowhere to send them.
-    """
-    core = logging.getLogger("batchinfer")
-    previous = core.level
-    if previous == logging.NOTSET and core.handlers:
-        core.setLevel(logging.getLogger("prefect.extra").level or logging.INFO)
-    try:
-        yield
-    finally:
-        core.setLevel(previous)
 
 
 def score_shards(plan: Plan, pending: list[Shard] | None = None) -> dict[str, dict[str, Any]]:
@@ -181,7 +162,7 @@ def batch_inference(
     check_targets(config)  # a refused run writes nothing, not even the output's lock
     # One run at a time per output, from before the plan until after `_SUCCESS`.
     with (
-        core_logs_in_run_log(),
+        core_logs_in_flow(),
         hold_output(config.output.uri, config.storage_options, run=f"flow run {flow_run.name!r}") as lock,
     ):
         plan = plan_run(config, lock.run_id)

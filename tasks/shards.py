@@ -9,14 +9,10 @@ shards however it starts.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
 
 from batchinfer.config import RunConfig
 from batchinfer.errors import BatchInferError
@@ -26,6 +22,7 @@ from batchinfer.planning import Shard
 from batchinfer.runner import ShardSettings
 from batchinfer.storage import is_transient
 from tasks import secrets  # noqa: F401 - Secret-block references resolve in every process that runs these tasks
+from tasks.logs import core_logs_in_worker
 
 GPU_TAG = "gpu"
 
@@ -39,30 +36,6 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     if isinstance(exc, BatchInferError):
         return exc.transient
     return isinstance(exc, BaseException) and is_transient(exc)
-
-
-@contextlib.contextmanager
-def core_lines_in_run_log() -> Iterator[None]:
-    """Let the core's INFO lines reach the run's log from a worker of a process pool, Dask or Ray.
-
-    PREFECT_LOGGING_EXTRA_LOGGERS=batchinfer gives the `batchinfer` logger Prefect's API handler but leaves
-    its level unset, so INFO records would stop at the root logger's WARNING. The flow sets the level in its
-    own process; a worker keeps it once set (only tasks log there). Prefect sends logs in batches and does not
-    flush a remote worker's at the end of a task, and an engine may stop its workers right after the last
-    one, so the task flushes them itself.
-    """
-    context = FlowRunContext.get()
-    if context is None or not context.detached:  # the flow's own process
-        yield
-        return
-    core = logging.getLogger("batchinfer")
-    if core.level == logging.NOTSET and core.handlers:
-        core.setLevel(logging.getLogger("prefect.extra").level or logging.INFO)
-    try:
-        yield
-    finally:
-        for handler in core.handlers:
-            handler.flush()
 
 
 @task(
@@ -86,7 +59,7 @@ def plan_run(config: RunConfig, run_id: str | None = None) -> Plan:
 )
 def infer_shard(config: RunConfig, settings: ShardSettings, shard: Shard, run: str = "") -> dict[str, Any]:
     """Own a device on this host, score one shard on it and commit it (data first, marker last)."""
-    with core_lines_in_run_log():
+    with core_logs_in_worker():
         return run_shard(config, settings, shard, run=run).to_dict()
 
 

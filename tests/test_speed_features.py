@@ -44,7 +44,7 @@ def test_tabular_chunks_on_the_cpu_are_read_ahead_only_beside_spare_cores(monkey
     from batchinfer.devices import Device
     from batchinfer.runner import _read_ahead
 
-    cores = len(os.sched_getaffinity(0))
+    cores = os.cpu_count() or 1
     cpu, gpu = Device("cpu", "cpu"), Device("cuda:0", "cuda:0")
     monkeypatch.setattr(torch, "get_num_threads", lambda: cores)  # the model's threads on every core
     assert not _read_ahead(cpu, text=False)
